@@ -1,0 +1,195 @@
+"""The virtual federation: turn the `federation` config into hospitals with data, appearance,
+noisy labels and a local strategy, validated up front and written once as a federation store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
+from snowfed.data.synthetic import Appearance, generate
+from snowfed.store import FederationStore, write_store
+from snowfed.strategies import StrategySpec
+
+from .noise import SnowNoise, degrade_dataset
+
+NOISE_FIELDS = ("p_remove", "sigma", "simplify_every", "bounding_box")
+APPEARANCE_FIELDS = tuple(Appearance.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Hospital:
+    name: str
+    num_images: int
+    appearance: Appearance
+    noise_profile: str
+    noise: SnowNoise
+    strategy: StrategySpec
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    name: str
+    image_size: int
+    val_fraction: float
+    test_images_per_site: int
+    seed: int
+    hospitals: list[Hospital]
+
+
+def _noise(spec: Any, key: str) -> tuple[str, SnowNoise]:
+    """A preset name, or {preset: NAME, field: value...}, as a validated SnowNoise."""
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    require(isinstance(spec, Mapping), key, spec, "a noise preset name or a mapping")
+    if "preset" in spec:
+        base = dict(load_group_option("noise", spec["preset"], f"{key}.preset"))
+        params = {**base, **{k: v for k, v in spec.items() if k != "preset"}}
+    else:
+        params = dict(spec)
+    name = str(params.pop("name", spec.get("preset", "custom")))
+    for field in params:
+        require(field in NOISE_FIELDS, f"{key}.{field}", params[field],
+                f"a noise parameter ({', '.join(NOISE_FIELDS)})")
+    noise = SnowNoise(
+        p_remove=require_number(params.get("p_remove", 0.0), f"{key}.p_remove", 0.0, 1.0),
+        sigma=require_number(params.get("sigma", 0.0), f"{key}.sigma", low=0.0),
+        simplify_every=require_int(params.get("simplify_every", 1), f"{key}.simplify_every", 1),
+        bounding_box=bool(params.get("bounding_box", False)),
+    )
+    return name, noise
+
+
+def _strategy(spec: Any, default: Mapping[str, Any], key: str) -> StrategySpec:
+    """The node's strategy: the global default, a named option, or {name: NAME, key: value}."""
+    if spec is None:
+        return StrategySpec.from_config(default, "strategy")
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    require(isinstance(spec, Mapping) and "name" in spec, key, spec, "a strategy name or mapping")
+    base = dict(load_group_option("strategy", spec["name"], f"{key}.name"))
+    return StrategySpec.from_config({**base, **spec}, key)
+
+
+def _appearance(spec: Any, key: str) -> Appearance:
+    spec = dict(spec or {})
+    for field in spec:
+        require(field in APPEARANCE_FIELDS, f"{key}.{field}", spec[field],
+                f"a field of Appearance ({', '.join(APPEARANCE_FIELDS)})")
+    for field in ("stain_strength", "blur_sigma", "noise_std", "brightness"):
+        if field in spec:
+            require_number(spec[field], f"{key}.{field}", low=0.0)
+    return Appearance(**spec)
+
+
+def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
+    """Validate the whole federation config; raise ConfigError on the first bad key."""
+    fed = cfg["federation"]
+    hospitals_cfg = fed.get("hospitals") or []
+    require(len(hospitals_cfg) > 0, "federation.hospitals", len(hospitals_cfg),
+            "a list of at least one hospital")
+    require_int(cfg.get("rounds"), "rounds", 1)
+    global_noise = cfg.get("noise")
+    hospitals, names = [], set()
+    for i, h in enumerate(hospitals_cfg):
+        key = f"federation.hospitals[{i}]"
+        name = h.get("name")
+        require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
+                "a unique non-empty name")
+        names.add(name)
+        if global_noise is not None:
+            profile, noise = _noise({"preset": global_noise["name"], **global_noise}, "noise")
+        else:
+            profile, noise = _noise(h.get("noise", "clean"), f"{key}.noise")
+        hospitals.append(
+            Hospital(
+                name=name,
+                num_images=require_int(h.get("num_images"), f"{key}.num_images", 2),
+                appearance=_appearance(h.get("appearance"), f"{key}.appearance"),
+                noise_profile=profile,
+                noise=noise,
+                strategy=_strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy"),
+            )
+        )
+    return FederationPlan(
+        name=str(fed.get("name", "custom")),
+        image_size=require_int(cfg["dataset"].get("image_size"), "dataset.image_size", 16),
+        val_fraction=require_number(fed.get("val_fraction"), "federation.val_fraction", 0.0, 0.9),
+        test_images_per_site=require_int(
+            fed.get("test_images_per_site"), "federation.test_images_per_site", 1
+        ),
+        seed=require_int(cfg.get("seed"), "seed", 0),
+        hospitals=hospitals,
+    )
+
+
+def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
+    """Generate each hospital's images (its appearance), split them (global clean test, the
+    node's clean held-out split, its training set), degrade the training labels with the
+    hospital's noise, measure what the noise did, and write one store for the whole run."""
+    images, clean, noisy, nodes, test = [], [], [], [], []
+    offset = 0
+    for i, h in enumerate(plan.hospitals):
+        n_test = plan.test_images_per_site
+        total = h.num_images + n_test
+        imgs, inst = generate(total, plan.image_size, seed=plan.seed * 7919 + i, appearance=h.appearance)
+        n_val = max(1, int(round(plan.val_fraction * h.num_images))) if plan.val_fraction else 0
+        n_train = h.num_images - n_val
+        if n_train < 1:
+            raise ConfigError(f"federation.hospitals[{i}].num_images", h.num_images,
+                              f"large enough to leave a training image after a {plan.val_fraction} "
+                              "validation split")
+        train_inst = inst[n_test + n_val :]
+        labels, stats = degrade_dataset(train_inst, h.noise, seed=plan.seed * 104729 + i)
+        clean_i = (inst > 0).astype(np.uint8)
+        noisy_i = clean_i.copy()
+        noisy_i[n_test + n_val :] = labels
+        images.append(imgs), clean.append(clean_i), noisy.append(noisy_i)
+        test.extend(range(offset, offset + n_test))
+        nodes.append(
+            {
+                "name": h.name,
+                "val": list(range(offset + n_test, offset + n_test + n_val)),
+                "train": list(range(offset + n_test + n_val, offset + total)),
+                "num_train": n_train,
+                "num_val": n_val,
+                "noise_profile": h.noise_profile,
+                "noise": asdict(h.noise),
+                "label_noise": stats,
+                "appearance": asdict(h.appearance),
+                "strategy": asdict(h.strategy),
+            }
+        )
+        offset += total
+    manifest = {
+        "federation": plan.name,
+        "seed": plan.seed,
+        "image_size": plan.image_size,
+        "num_classes": int(cfg["task"]["num_classes"]),
+        "model": dict(cfg["model"]),
+        "test": test,
+        "nodes": nodes,
+    }
+    arrays = {"images": np.concatenate(images), "clean": np.concatenate(clean),
+              "noisy": np.concatenate(noisy)}
+    return FederationStore(write_store(path, arrays, manifest))
+
+
+def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
+    """What summary.json says of each node before any training."""
+    return {
+        n["name"]: {
+            "noise_profile": n["noise_profile"],
+            "strategy": n["strategy"]["name"],
+            "num_train": n["num_train"],
+            "num_val": n["num_val"],
+            "label_noise": n["label_noise"],
+            "noise": n["noise"],
+            "appearance": n["appearance"],
+        }
+        for n in store.nodes
+    }

@@ -1,0 +1,106 @@
+"""Run-directory I/O (the contract of DESIGN.md): atomic files, an append-only metrics log.
+
+Files are written to a temporary sibling and renamed, so a reader (or a crash) never sees half a
+file; metrics.jsonl is appended one complete line per record and flushed, and a torn last line
+(a kill mid-write) is ignored on read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+FINAL_MODEL = "model_final.pt"
+STATUSES = ("completed", "failed", "interrupted")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records, one JSON object per line, flushed to disk before returning."""
+    lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a missing file is empty, a torn last line is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def build_summary(
+    records: list[dict[str, Any]],
+    nodes: dict[str, dict[str, Any]],
+    status: str,
+    wall_time_s: float,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """summary.json from the metrics log: global history (round 0 = the initial model), final
+    global metrics, per-node facts.
+
+    `nodes` maps node name -> static facts (noise_profile, strategy, num_train, label_noise...);
+    each node's last evaluation metrics are added under "final".
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} not in {STATUSES}")
+    history = [
+        {k: v for k, v in r.items() if k != "scope"}
+        for r in records
+        if r.get("scope") == "global"
+    ]
+    history.sort(key=lambda r: r["round"])
+    node_summary = {name: dict(facts) for name, facts in nodes.items()}
+    for r in records:
+        if r.get("scope") == "node" and r.get("phase") == "evaluate" and r["node"] in node_summary:
+            final = {k: v for k, v in r.items() if k not in ("scope", "node", "phase")}
+            node_summary[r["node"]]["final"] = final
+    summary: dict[str, Any] = {
+        "rounds": history[-1]["round"] if history else 0,
+        "wall_time_s": round(wall_time_s, 3),
+        "status": status,
+        "global": {k: v for k, v in history[-1].items() if k != "round"} if history else {},
+        "history": history,
+        "nodes": node_summary,
+    }
+    if reason:
+        summary["reason"] = reason
+    return summary

@@ -1,0 +1,48 @@
+"""Bad input fails before any work: one paragraph naming key, value and what is allowed,
+a non-zero exit, no Ray started, no run directory written."""
+
+from __future__ import annotations
+
+import pytest
+
+from snowfed.cli import EXIT_BAD_CONFIG, main
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (["federation=nowhere"], "federation='nowhere'", "four_hospitals"),
+        (["aggregation=fedfoo"], "aggregation='fedfoo'", "fedavg"),
+        (["noise=noisy", "noise.p_remove=1.5"], "noise.p_remove=1.5", "[0.0, 1.0]"),
+        (["noise=noisy_hd", "noise.sigma=-2"], "noise.sigma=-2", ">= 0.0"),
+        (["federation.hospitals=[]"], "federation.hospitals=0", "at least one hospital"),
+        (["rounds=0"], "rounds=0", "an integer >= 1"),
+        (["federation.hospitals.0.noise=fuzzy"], "federation.hospitals[0].noise.preset='fuzzy'",
+         "one of bb, clean"),
+        (["strategy.sampler=nope"], "strategy.sampler='nope'", "random"),
+        (["backend.client_resources.num_gpus=-1"], "backend.client_resources.num_gpus=-1", ">= 0"),
+    ],
+)
+def test_bad_input_is_refused_before_work(overrides, key, allowed, tmp_path, capsys):
+    import ray
+
+    run_dir = tmp_path / "run"
+    code = main(["run", *overrides, f"run_dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_CONFIG
+    assert key in err and allowed in err, err
+    assert len(err.strip().splitlines()) == 1  # one paragraph, no traceback
+    assert not run_dir.exists()
+    assert not ray.is_initialized()
+
+
+def test_per_hospital_noise_probability_is_checked(capsys, tmp_path):
+    code = main(["run", "federation=smoke", "federation.hospitals.1.noise={preset: noisy, "
+                 "p_remove: 2}", f"run_dir={tmp_path / 'r'}"])
+    assert code == EXIT_BAD_CONFIG
+    assert "federation.hospitals[1].noise.p_remove=2" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert main(["fly"]) != 0
+    assert "unknown command 'fly'" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snowfed.rundir import append_jsonl, atomic_write_json, build_summary, read_jsonl
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "s.json", {"a": 1})
+    atomic_write_json(tmp_path / "s.json", {"a": 2})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, [{"round": 1}, {"round": 2}])
+    with open(path, "a") as f:
+        f.write('{"round": 3, "f1"')  # a kill in the middle of a write
+    assert read_jsonl(path) == [{"round": 1}, {"round": 2}]
+
+
+def test_summary_from_records():
+    records = [
+        {"round": 0, "scope": "global", "f1": 0.1},
+        {"round": 1, "scope": "node", "node": "a", "phase": "evaluate", "f1": 0.4},
+        {"round": 1, "scope": "global", "f1": 0.5},
+        {"round": 2, "scope": "node", "node": "a", "phase": "evaluate", "f1": 0.6},
+        {"round": 2, "scope": "global", "f1": 0.7},
+    ]
+    nodes = {"a": {"noise_profile": "clean", "strategy": "baseline", "num_train": 3,
+                   "label_noise": {}}}
+    s = build_summary(records, nodes, "completed", 1.5)
+    assert s["rounds"] == 2 and s["status"] == "completed"
+    assert s["global"] == {"f1": 0.7}
+    assert [h["round"] for h in s["history"]] == [0, 1, 2]
+    assert s["nodes"]["a"]["final"]["f1"] == 0.6 and s["nodes"]["a"]["final"]["round"] == 2
+    with pytest.raises(ValueError):
+        build_summary(records, nodes, "running", 1.0)
