@@ -70,11 +70,18 @@ def train(msg: Message, context: Context) -> Message:
     seed = int(config["seed"]) * 1_000_003 + int(config["server-round"]) * 1009 + node.partition_id
     generator = torch.Generator().manual_seed(seed)
     stats = train_locally(node.model, node.strategy, generator, node.device)
+    # The locally trained model on the node's clean held-out split: what this node's labels and
+    # strategy alone made of the global model this round (the global model's score on the same
+    # split comes from the evaluate phase).
+    local = evaluate_segmentation(node.model, node.data.val_images, node.data.val_masks, node.device)
     metrics = MetricRecord(
         {
             "num-examples": len(node.data.images),
             "train-loss-first": stats.first_loss,
             "train-loss": stats.last_loss,
+            "local-f1": local["f1"],
+            "local-precision": local["precision"],
+            "local-recall": local["recall"],
             "partition-id": node.partition_id,
         }
     )

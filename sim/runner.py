@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from snowfed.config import ConfigError, require, require_number
+from snowfed.models import MODELS
 from snowfed.plots import plot_f1_per_round
 from snowfed.progress import RoundProgress
-from snowfed.rundir import CONFIG, METRICS, SUMMARY, atomic_write_json, atomic_write_text, read_jsonl
+from snowfed.rundir import (
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    atomic_write_json,
+    atomic_write_text,
+    build_summary,
+    read_jsonl,
+)
+from snowfed.server.aggregation import AGGREGATIONS
 
 from .federation import build_store, node_facts, resolve_federation
 
@@ -42,9 +53,6 @@ def validate(cfg: Mapping[str, Any]):
     """Every check that can fail, before any data is generated or Ray starts."""
     plan = resolve_federation(cfg)
     backend_config(cfg["backend"])
-    from snowfed.models import MODELS
-    from snowfed.server.aggregation import AGGREGATIONS
-
     require(cfg["model"].get("name") in MODELS, "model.name", cfg["model"].get("name"),
             f"one of {', '.join(MODELS)}")
     require(cfg["aggregation"].get("name") in AGGREGATIONS, "aggregation.name",
@@ -68,14 +76,29 @@ def prepare(cfg: Mapping[str, Any], run_dir: Path):
 
 def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | None = None) -> dict:
     """Write summary.json and the plots from whatever metrics.jsonl holds (also after a crash)."""
-    from snowfed.rundir import build_summary
-
     records = read_jsonl(run_dir / METRICS)
     facts = node_facts(store)
     summary = build_summary(records, facts, status, wall_time_s, reason)
     atomic_write_json(run_dir / SUMMARY, summary)
     plot_f1_per_round(records, run_dir / F1_PLOT, {n: f["noise_profile"] for n, f in facts.items()})
     return summary
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    # run_simulation is Flower's Python entry to its simulation engine and the only one that
+    # takes a ServerApp object; its deprecation notice says nothing a snowfed user can act on.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower logs every round at INFO; snowfed prints its own progress instead."""
+    logger = logging.getLogger("flwr")
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
+            logger.addFilter(_DropRunSimulationDeprecation())
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
 def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
@@ -89,8 +112,7 @@ def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, A
     cfg = plain_config(cfg)
     run_dir = Path(run_dir)
     plan, store = prepare(cfg, run_dir)
-    if not cfg.get("verbose", False):
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    _quiet_flower(verbose=bool(cfg.get("verbose", False)))
     progress = RoundProgress(cfg["rounds"])
     outcome: dict[str, Any] = {}
     server_app = ServerApp()

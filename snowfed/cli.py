@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: list[str]) -> int:
     from snowfed.sim.runner import plain_config, validate
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
     multirun = any(a in ("-m", "--multirun") for a in args)
     try:
         check_group_overrides(overrides)

@@ -17,30 +17,36 @@ from .rundir import atomic_write_bytes  # noqa: E402
 def plot_f1_per_round(
     records: list[dict[str, Any]], path: str | Path, node_labels: dict[str, str] | None = None
 ) -> None:
-    """Global F1 on the clean test set per round (bold) and each node's F1 on its own clean
-    held-out split (thin); `node_labels` adds e.g. the noise profile to a node's legend entry."""
+    """Left: global F1 on the clean test set per round (bold) and the global model's F1 on each
+    node's clean held-out split. Right: each node's locally trained model on the same split
+    (`local-f1`), where a node's own label noise shows. `node_labels` adds e.g. the noise
+    profile to a node's legend entry."""
     node_labels = node_labels or {}
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, (ax_global, ax_local) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, sharey=True)
     glob = sorted((r["round"], r["f1"]) for r in records if r.get("scope") == "global" and "f1" in r)
     if glob:
-        ax.plot(*zip(*glob), "-o", color="black", lw=2.5, label="global (clean test set)")
+        ax_global.plot(*zip(*glob), "-o", color="black", lw=2.5, label="global (clean test set)")
     nodes = sorted({r["node"] for r in records if r.get("scope") == "node"})
-    for name in nodes:
-        pts = sorted(
-            (r["round"], r["f1"])
-            for r in records
-            if r.get("scope") == "node" and r["node"] == name and r.get("phase") == "evaluate"
-            and "f1" in r
-        )
-        if pts:
-            label = f"{name} ({node_labels[name]})" if name in node_labels else name
-            ax.plot(*zip(*pts), "--", marker=".", lw=1.2, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("pixel F1")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("F1 per round: global model on clean test data, per node on its clean split")
+    for color, name in zip(plt.cm.tab10.colors * 10, nodes):
+        label = f"{name} ({node_labels[name]})" if name in node_labels else name
+        for ax, phase, key in ((ax_global, "evaluate", "f1"), (ax_local, "train", "local-f1")):
+            pts = sorted(
+                (r["round"], r[key])
+                for r in records
+                if r.get("scope") == "node" and r["node"] == name and r.get("phase") == phase
+                and key in r
+            )
+            if pts:
+                ax.plot(*zip(*pts), "--", marker=".", lw=1.2, color=color, label=label)
+    ax_global.set_title("global model: clean test set, and each node's clean split")
+    ax_local.set_title("each node's model after local training, on its clean split")
+    for ax in (ax_global, ax_local):
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    ax_global.set_ylabel("pixel F1")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -19,6 +19,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINAL_MODEL = "model_final.pt"
 STATUSES = ("completed", "failed", "interrupted")
+FINAL_KEYS = {"evaluate": "final", "train": "final_train"}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -78,7 +79,8 @@ def build_summary(
     global metrics, per-node facts.
 
     `nodes` maps node name -> static facts (noise_profile, strategy, num_train, label_noise...);
-    each node's last evaluation metrics are added under "final".
+    each node's last reports are added: "final" (the global model on the node's clean held-out
+    split) and "final_train" (its local training: losses, local-f1 of the locally trained model).
     """
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
@@ -89,10 +91,12 @@ def build_summary(
     ]
     history.sort(key=lambda r: r["round"])
     node_summary = {name: dict(facts) for name, facts in nodes.items()}
-    for r in records:
-        if r.get("scope") == "node" and r.get("phase") == "evaluate" and r["node"] in node_summary:
-            final = {k: v for k, v in r.items() if k not in ("scope", "node", "phase")}
-            node_summary[r["node"]]["final"] = final
+    for r in records:  # records are in round order: the last one of each phase wins
+        if r.get("scope") == "node" and r["node"] in node_summary and "error" not in r:
+            key = FINAL_KEYS[r.get("phase")]
+            node_summary[r["node"]][key] = {
+                k: v for k, v in r.items() if k not in ("scope", "node", "phase")
+            }
     summary: dict[str, Any] = {
         "rounds": history[-1]["round"] if history else 0,
         "wall_time_s": round(wall_time_s, 3),

@@ -37,5 +37,6 @@ def test_summary_from_records():
     assert s["global"] == {"f1": 0.7}
     assert [h["round"] for h in s["history"]] == [0, 1, 2]
     assert s["nodes"]["a"]["final"]["f1"] == 0.6 and s["nodes"]["a"]["final"]["round"] == 2
+    assert "final_train" not in s["nodes"]["a"]  # no train record given
     with pytest.raises(ValueError):
         build_summary(records, nodes, "running", 1.0)

@@ -1,0 +1,157 @@
+"""Segmentation networks shared by every site, and the registry the configs name them by.
+
+ShortRes follows the SNOW paper (Foucart et al., ISBI 2019; reference code adfoucart/deephisto,
+network/ShortRes.py): a 1x1 widening conv, residual units of 3 x (3x3 conv + LeakyReLU) with an
+identity skip, two 2x2 max-poolings, two stride-2 transposed convs, a 1x1 conv to the classes.
+Differences from the reference, all deliberate:
+- additive U-Net skips from encoder to decoder at equal resolution (``skips=True``, the default):
+  they restore the outlines lost by pooling; ``skips=False`` gives the paper's plain network;
+- the bottleneck residual unit runs after the second pooling (the reference stacks two units
+  before it), so each resolution has one unit on the way down and one on the way up;
+- the head is linear (the reference puts a LeakyReLU on the logits);
+- optional GroupNorm, never BatchNorm: batch statistics break DP-SGD (Opacus) and mix sites'
+  statistics under FedAvg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+LEAKY_SLOPE = 0.2  # tf.nn.leaky_relu's default, which the reference network uses
+NORMS = ("none", "group")
+
+
+def _norm(norm: str, channels: int) -> nn.Module:
+    # gcd keeps GroupNorm valid for any width; 8 groups at the usual widths (16, 32, 64)
+    return nn.GroupNorm(math.gcd(8, channels), channels) if norm == "group" else nn.Identity()
+
+
+def _conv_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=norm == "none"),
+        _norm(norm, cout),
+        nn.LeakyReLU(LEAKY_SLOPE),
+    )
+
+
+class ResUnit(nn.Module):
+    """x + 3 x (3x3 conv [+ GroupNorm] + LeakyReLU), at constant width and resolution."""
+
+    def __init__(self, width: int, norm: str = "none"):
+        super().__init__()
+        self.body = nn.Sequential(*(_conv_act(width, width, 3, norm) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Down(nn.Sequential):
+    """2x2 max-pooling, then a residual unit at the halved resolution."""
+
+    def __init__(self, width: int, norm: str = "none"):
+        super().__init__(OrderedDict(pool=nn.MaxPool2d(2), res=ResUnit(width, norm)))
+
+
+class Up(nn.Module):
+    """Stride-2 transposed conv + LeakyReLU, add the encoder features (if any), residual unit."""
+
+    def __init__(self, width: int, norm: str = "none"):
+        super().__init__()
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(width, width, 2, stride=2, bias=norm == "none"),
+            _norm(norm, width),
+            nn.LeakyReLU(LEAKY_SLOPE),
+        )
+        self.res = ResUnit(width, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.up(x)
+        return self.res(x if skip is None else x + skip)
+
+
+class ShortRes(nn.Module):
+    """Small residual encoder-decoder of the SNOW paper (Foucart et al.).
+
+    ``encoder`` (stem, enc1, enc2, bottleneck) maps (B, C, H, W) to (B, width, H/4, W/4) on its
+    own, for autoencoder pre-training; ``stages`` lists every stage input-to-output, so that
+    transfer learning can freeze ``model.stages[:k]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        width: int = 64,
+        norm: str = "none",
+        skips: bool = True,
+    ):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.skips = skips
+        self.encoder = nn.Sequential(
+            OrderedDict(
+                stem=_conv_act(in_channels, width, 1, norm),
+                enc1=ResUnit(width, norm),  # H
+                enc2=Down(width, norm),  # H/2
+                bottleneck=Down(width, norm),  # H/4
+            )
+        )
+        self.up1 = Up(width, norm)  # H/4 -> H/2
+        self.up2 = Up(width, norm)  # H/2 -> H
+        self.head = nn.Conv2d(width, num_classes, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He init for the LeakyReLU convs; the last conv of each residual branch is scaled down
+        # so that the five units (and the skips) do not blow the activations up at the start,
+        # and the head starts near zero so the first Adam steps at lr 1e-3 are not saturated.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResUnit):
+                m.body[-1][0].weight.data.mul_(0.1)
+        nn.init.normal_(self.head.weight, std=0.01)
+
+    @property
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        return [*self.encoder.named_children(), ("up1", self.up1), ("up2", self.up2), ("head", self.head)]
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [module for _, module in self.named_stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            raise ValueError(f"ShortRes needs H and W divisible by 4, got {tuple(x.shape[-2:])}")
+        stem, enc1, enc2, bottleneck = self.encoder
+        f1 = enc1(stem(x))
+        f2 = enc2(f1)
+        x = bottleneck(f2)
+        x = self.up1(x, f2 if self.skips else None)
+        x = self.up2(x, f1 if self.skips else None)
+        return self.head(x)
+
+
+def tile_scores(seg_logits: torch.Tensor) -> torch.Tensor:
+    """Detection head of SNOW's Weak/SoftWeak strategies: per-class max over H, W -> (B, K)."""
+    return seg_logits.amax(dim=(-2, -1))
+
+
+MODELS: dict[str, type[nn.Module]] = {"shortres": ShortRes}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Instantiate a registered network by its config name."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
+    return cls(**kwargs)

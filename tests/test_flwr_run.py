@@ -1,0 +1,61 @@
+"""The same app under Flower's own CLI: `flwr run .` against a local simulation federation.
+
+`flwr run` lazily starts a managed `flower-superlink --simulation` that outlives the command;
+the test gives it a private FLWR_HOME and stops it afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _superlinks() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.fixture
+def flwr_env(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "flwr").exists():
+        pytest.fail(f"flwr is not installed beside {sys.executable}")
+    before = _superlinks()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    yield env
+    for pid in _superlinks() - before:  # the managed SuperLink this test started
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    for pid in _superlinks() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_flwr_run_local_simulation(flwr_env, tmp_path):
+    run_dir = tmp_path / "flwr-run"
+    proc = subprocess.run(
+        [shutil.which("flwr", path=flwr_env["PATH"]), "run", ".", "--stream", "--run-config",
+         f"overrides='federation=smoke rounds=2' run-dir='{run_dir}'"],
+        cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert set(summary["nodes"]) == {"alpha", "beta"}
