@@ -9,6 +9,7 @@ modules themselves never import a role package.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ Config groups: task dataset model federation noise strategy aggregation privacy 
 """
 
 EXIT_BAD_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +60,11 @@ def run_command(args: list[str]) -> int:
         return int(exit_.code or 0)
     except KeyboardInterrupt:
         print("snowfed: interrupted; the run directory holds everything up to the last round",
-              file=sys.stderr)
-        return 130
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The summary is already on disk. Ray's and gRPC's threads, interrupted mid-flight, can
+        # crash the interpreter's normal teardown (seen: a segfault), so leave without it.
+        os._exit(EXIT_INTERRUPTED)
     return 0
 
 

@@ -1,75 +1,112 @@
-"""Pixel-level binary segmentation metrics from confusion counts.
+"""Pixel-level binary segmentation metrics, accumulated over a whole evaluation set.
 
-`f1` is the pooled pixel F1 over the whole set (SNOW's "pixel F1"); `dice` is the mean of the
-per-image Dice scores (an image where prediction and target are both empty scores 1.0). On one
-image they coincide; over a set they differ, small images weigh more in `dice`.
+Two kinds of overlap score, because the literature mixes them up:
+- ``f1`` pools the pixel counts of every image, then scores once (the SNOW reference results'
+  "pixel F1"): large objects weigh more, and an empty image adds only its false positives;
+- ``dice`` is the mean over images of each image's own Dice (also ``mean_image_dice``): every
+  image weighs the same, and an image where prediction and target are both empty scores 1.0.
+Precision, recall and MCC are pooled, like ``f1``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
-def _as_bool(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x).astype(bool)
+def _as_bool_array(a: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.dtype != np.bool_:
+        # refuse silent casts: logits or probabilities would all count as positive
+        raise TypeError(f"{what} must be a boolean mask, got dtype {a.dtype}")
+    return a
+
+
+def _ratio(num: int, den: int, empty: float) -> float:
+    return num / den if den else empty
 
 
 @dataclass
 class Confusion:
-    """Accumulated pixel confusion counts (and per-image Dice) over a set of images."""
+    """Pixel confusion counts over a set of images, plus the per-image Dice scores' sum."""
 
     tp: int = 0
     fp: int = 0
     fn: int = 0
     tn: int = 0
-    image_dice: list[float] = field(default_factory=list)
+    dice_sum: float = 0.0
+    n_images: int = 0
 
-    def update(self, pred, target) -> Confusion:
-        """Add a batch: boolean (B, H, W) or one (H, W) image; returns self."""
-        p, t = _as_bool(pred), _as_bool(target)
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add boolean masks: (H, W) is one image, (B, ...) is B images."""
+        p = _as_bool_array(pred, "pred")
+        t = _as_bool_array(target, "target")
         if p.shape != t.shape:
-            raise ValueError(f"prediction {p.shape} and target {t.shape} differ in shape")
-        if p.ndim == 2:
+            raise ValueError(f"pred shape {p.shape} != target shape {t.shape}")
+        if p.ndim <= 2:
             p, t = p[None], t[None]
-        axes = tuple(range(1, p.ndim))
-        tp = np.count_nonzero(p & t, axis=axes)
-        fp = np.count_nonzero(p & ~t, axis=axes)
-        fn = np.count_nonzero(~p & t, axis=axes)
+        p, t = p.reshape(len(p), -1), t.reshape(len(t), -1)
+        tp = np.count_nonzero(p & t, axis=1)
+        fp = np.count_nonzero(p & ~t, axis=1)
+        fn = np.count_nonzero(~p & t, axis=1)
         self.tp += int(tp.sum())
         self.fp += int(fp.sum())
         self.fn += int(fn.sum())
-        self.tn += int(p[0].size * len(p) - tp.sum() - fp.sum() - fn.sum())
-        denom = 2 * tp + fp + fn
-        self.image_dice.extend(np.where(denom == 0, 1.0, 2 * tp / np.maximum(denom, 1)).tolist())
-        return self
+        self.tn += int(p.size - tp.sum() - fp.sum() - fn.sum())
+        den = 2 * tp + fp + fn
+        self.dice_sum += float(np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0).sum())
+        self.n_images += len(p)
 
     def __add__(self, other: Confusion) -> Confusion:
-        return Confusion(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn,
-                         self.tn + other.tn, self.image_dice + other.image_dice)
+        return Confusion(
+            self.tp + other.tp,
+            self.fp + other.fp,
+            self.fn + other.fn,
+            self.tn + other.tn,
+            self.dice_sum + other.dice_sum,
+            self.n_images + other.n_images,
+        )
 
     def precision(self) -> float:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+        """tp / (tp + fp); with nothing predicted, 1.0 if nothing was to be found, else 0.0."""
+        return _ratio(self.tp, self.tp + self.fp, 1.0 if self.fn == 0 else 0.0)
 
     def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
+        """tp / (tp + fn); with nothing to find, 1.0 if nothing was predicted, else 0.0."""
+        return _ratio(self.tp, self.tp + self.fn, 1.0 if self.fp == 0 else 0.0)
 
     def f1(self) -> float:
-        denom = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denom if denom else 1.0
+        """Pooled pixel F1, 2tp / (2tp + fp + fn); 1.0 when there is nothing to get wrong."""
+        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn, 1.0)
+
+    def mean_image_dice(self) -> float:
+        """Mean of the per-image Dice scores; 1.0 for an empty set, like ``f1``."""
+        return self.dice_sum / self.n_images if self.n_images else 1.0
 
     def dice(self) -> float:
-        return float(np.mean(self.image_dice)) if self.image_dice else 1.0
+        """Mean per-image Dice (see the module docstring for how it differs from ``f1``)."""
+        return self.mean_image_dice()
 
     def mcc(self) -> float:
-        tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
-        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        return (tp * tn - fp * fn) / denom if denom else 0.0
+        """Pooled Matthews correlation; 0.0 when a marginal is empty (undefined)."""
+        den = math.sqrt(self.tp + self.fp) * math.sqrt(self.tp + self.fn)
+        den *= math.sqrt(self.tn + self.fp) * math.sqrt(self.tn + self.fn)
+        return (self.tp * self.tn - self.fp * self.fn) / den if den else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        return {"f1": self.f1(), "dice": self.dice(), "mcc": self.mcc(),
-                "precision": self.precision(), "recall": self.recall()}
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "f1": self.f1(),
+            "dice": self.dice(),
+            "mcc": self.mcc(),
+            "precision": self.precision(),
+            "recall": self.recall(),
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "tn": self.tn,
+        }

@@ -77,8 +77,9 @@ class ShortRes(nn.Module):
     """Small residual encoder-decoder of the SNOW paper (Foucart et al.).
 
     ``encoder`` (stem, enc1, enc2, bottleneck) maps (B, C, H, W) to (B, width, H/4, W/4) on its
-    own, for autoencoder pre-training; ``stages`` lists every stage input-to-output, so that
-    transfer learning can freeze ``model.stages[:k]``.
+    own, for autoencoder pre-training; ``stages`` (``named_stages`` with their names: stem, enc1,
+    enc2, bottleneck, up1, up2, head) lists every stage input-to-output, so that transfer learning
+    can freeze ``model.stages[:k]``.
     """
 
     def __init__(
@@ -115,14 +116,16 @@ class ShortRes(nn.Module):
                 nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, ResUnit):
-                m.body[-1][0].weight.data.mul_(0.1)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, ResUnit):
+                    m.body[-1][0].weight.mul_(0.1)
         nn.init.normal_(self.head.weight, std=0.01)
 
     @property
     def named_stages(self) -> list[tuple[str, nn.Module]]:
-        return [*self.encoder.named_children(), ("up1", self.up1), ("up2", self.up2), ("head", self.head)]
+        decoder = [("up1", self.up1), ("up2", self.up2), ("head", self.head)]
+        return [*self.encoder.named_children(), *decoder]
 
     @property
     def stages(self) -> list[nn.Module]:

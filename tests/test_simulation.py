@@ -54,3 +54,33 @@ def test_cli_runs_the_smoke_federation(tmp_path):
     assert "round 1/1" in proc.stderr  # the live progress display
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_ctrl_c_keeps_what_was_written(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=50",
+         f"run_dir={run_dir}"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stderr:  # wait for the second round to complete
+            if line.startswith("round 2/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["rounds"] >= 2
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line complete
+    global_rounds = [r["round"] for r in records if r["scope"] == "global"]
+    assert global_rounds == list(range(len(global_rounds)))  # nothing lost or duplicated
+    assert [h["round"] for h in summary["history"]] == global_rounds
