@@ -28,8 +28,7 @@ def train_locally(
     optimizer = strategy.optimizer([p for p in model.parameters() if p.requires_grad])
     losses = []
     for _ in range(spec.local_steps):
-        x, y = strategy.sampler(spec.batch_size, spec.tile_size, generator)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = strategy.batch(generator, device)
         loss = strategy.loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,4 +1,5 @@
-"""snowfed.strategies: local training strategies, composed of samplers, losses and optimisers."""
+"""snowfed.strategies: local training strategies, composed of samplers, losses, label transforms
+and optimisers."""
 
 from .base import LocalStrategy, StrategySpec
 

@@ -1,14 +1,15 @@
 """A local strategy is a composition of small parts chosen by name in config.
 
 SNOW's own code made every strategy a flag of one big train(); here each part (sampler, loss,
-optimiser) is looked up in its registry and can be tested alone. Parts are resolved, and bad
-names rejected, when the strategy is built from its config mapping.
+label transform, optimiser) is looked up in its registry and can be tested alone. Samplers,
+losses and label transforms are `Part`s: a name plus a `<part>_params` mapping, checked against
+the part's schema (unknown names, bad values) when the strategy is built from its config mapping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -17,14 +18,26 @@ import torch
 from snowfed.config import ConfigError, require_int, require_number
 
 from .losses import LOSSES, Loss
+from .parts import Part
 from .samplers import SAMPLERS
+from .transforms import LABEL_TRANSFORMS, LabelTransform
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+# field -> registry of the parts configured by `<field>` and `<field>_params`
+PARTS: dict[str, dict[str, Part]] = {
+    "sampler": SAMPLERS,
+    "loss": LOSSES,
+    "label_transform": LABEL_TRANSFORMS,
+}
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """The validated config of a local strategy (plain values, picklable, JSON-able)."""
+    """The validated config of a local strategy (plain values, picklable, JSON-able).
+
+    `*_params` hold every parameter of the named part, defaults filled in by `from_config`.
+    """
 
     name: str
     sampler: str
@@ -34,22 +47,37 @@ class StrategySpec:
     local_steps: int
     batch_size: int
     tile_size: int
+    sampler_params: dict[str, Any] = field(default_factory=dict)
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    label_transform: str = "none"
+    label_transform_params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], key: str = "strategy") -> StrategySpec:
         """Validate a strategy mapping; `key` is where it sits in the config (for errors)."""
-        for field, registry in (("sampler", SAMPLERS), ("loss", LOSSES), ("optimizer", OPTIMIZERS)):
-            if cfg.get(field) not in registry:
-                raise ConfigError(f"{key}.{field}", cfg.get(field), f"one of {', '.join(registry)}")
+        known = [f.name for f in fields(cls)]
+        for name in cfg:
+            if name not in known:
+                raise ConfigError(f"{key}.{name}", cfg[name], f"a strategy key ({', '.join(known)})")
+        registries = {**PARTS, "optimizer": OPTIMIZERS}
+        chosen = {name: cfg.get(name, "none" if name == "label_transform" else None) for name in registries}
+        for name, registry in registries.items():
+            if not isinstance(chosen[name], str) or chosen[name] not in registry:
+                raise ConfigError(f"{key}.{name}", chosen[name], f"one of {', '.join(registry)}")
+        params = {
+            f"{name}_params": PARTS[name][chosen[name]].resolve(
+                cfg.get(f"{name}_params"), f"{key}.{name}_params"
+            )
+            for name in PARTS
+        }
         return cls(
             name=str(cfg.get("name", "custom")),
-            sampler=cfg["sampler"],
-            loss=cfg["loss"],
-            optimizer=cfg["optimizer"],
             lr=require_number(cfg.get("lr"), f"{key}.lr", low=0.0),
             local_steps=require_int(cfg.get("local_steps"), f"{key}.local_steps", 1),
             batch_size=require_int(cfg.get("batch_size"), f"{key}.batch_size", 1),
             tile_size=require_int(cfg.get("tile_size"), f"{key}.tile_size", 4),
+            **chosen,
+            **params,
         )
 
 
@@ -60,10 +88,36 @@ class LocalStrategy:
     spec: StrategySpec
     sampler: Any
     loss: Loss
+    label_transform: LabelTransform
 
     @classmethod
     def build(cls, spec: StrategySpec, images: np.ndarray, labels: np.ndarray) -> LocalStrategy:
-        return cls(spec=spec, sampler=SAMPLERS[spec.sampler](images, labels), loss=LOSSES[spec.loss])
+        """Bind the spec's parts to a node's data (parameters re-checked: specs also come from JSON)."""
+
+        def make(name: str, *args):
+            part = PARTS[name][getattr(spec, name)]
+            params = part.resolve(getattr(spec, f"{name}_params"), f"strategy.{name}_params")
+            return part.build(*args, **params)
+
+        if spec.label_transform != "none" and len(labels) and labels.max() > 1:
+            raise ValueError(
+                f"label transform {spec.label_transform!r} works on binary masks, but this node's "
+                f"labels go up to {labels.max()}"
+            )
+        return cls(
+            spec=spec,
+            sampler=make("sampler", images, labels),
+            loss=make("loss"),
+            label_transform=make("label_transform"),
+        )
+
+    def batch(
+        self, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch on `device`: sampled tiles, then the label transform there."""
+        x, y = self.sampler(self.spec.batch_size, self.spec.tile_size, generator)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return x, self.label_transform(y, generator)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return OPTIMIZERS[self.spec.optimizer](params, lr=self.spec.lr)

@@ -84,3 +84,13 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
     global_rounds = [r["round"] for r in records if r["scope"] == "global"]
     assert global_rounds == list(range(len(global_rounds)))  # nothing lost or duplicated
     assert [h["round"] for h in summary["history"]] == global_rounds
+
+
+@pytest.mark.parametrize(
+    "strategy", ["baseline", "only_positive", "weak", "soft_weak", "noisy_soft_weak", "label_augment"]
+)
+def test_every_strategy_runs_a_smoke_round(strategy, tmp_path):
+    summary = run(compose(["federation=smoke", f"strategy={strategy}", "rounds=1"]), tmp_path / "r")
+    assert summary["status"] == "completed"
+    assert {n["strategy"] for n in summary["nodes"].values()} == {strategy}
+    assert all("train-loss" in n["final_train"] for n in summary["nodes"].values())

@@ -1,0 +1,80 @@
+"""The one way a strategy part (sampler, loss, label transform) is registered and configured.
+
+A part is a factory plus the schema of its parameters. The config names the part and gives a
+mapping of parameters; `Part.resolve` checks that mapping against the schema (unknown names and
+bad values raise ConfigError naming the full key) and fills in the defaults, so what a strategy
+records in its manifest is every value it actually ran with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from snowfed.config import ConfigError, require
+
+Check = Callable[[Any, str], Any]  # (value, key) -> the plain validated value, or ConfigError
+
+
+class Param(NamedTuple):
+    default: Any
+    check: Check
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Check:
+    """A real number in [low, high], or (low, high] with low_open (either bound optional)."""
+    bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
+    bounds += [f"<= {high}"] if high is not None else []
+    allowed = " ".join(["a number", " and ".join(bounds)]).strip()
+
+    def check(value: Any, key: str) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or value <= high)
+        require(ok, key, value, allowed)
+        return float(value)
+
+    return check
+
+
+def integer(minimum: int) -> Check:
+    """An integer >= minimum (booleans are not integers here)."""
+
+    def check(value: Any, key: str) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        require(ok, key, value, f"an integer >= {minimum}")
+        return int(value)
+
+    return check
+
+
+def choice(*options: str) -> Check:
+    """One of a few names."""
+
+    def check(value: Any, key: str) -> str:
+        require(value in options, key, value, f"one of {', '.join(options)}")
+        return str(value)
+
+    return check
+
+
+@dataclass(frozen=True)
+class Part:
+    """A registered part: `build(*args, **params)` makes it; `params` is its parameter schema."""
+
+    build: Callable[..., Any]
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    def resolve(self, given: Any, key: str) -> dict[str, Any]:
+        """Validated parameters with defaults filled in; `key` is where `given` sits (errors)."""
+        given = {} if given is None else given
+        require(isinstance(given, Mapping), key, given, "a mapping of parameter names to values")
+        for name in given:
+            if name not in self.params:
+                allowed = f"a parameter of this part ({', '.join(self.params) or 'it takes none'})"
+                raise ConfigError(f"{key}.{name}", given[name], allowed)
+        return {
+            name: param.check(given.get(name, param.default), f"{key}.{name}")
+            for name, param in self.params.items()
+        }
