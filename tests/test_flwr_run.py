@@ -53,12 +53,15 @@ def flwr_env(tmp_path):
 
 def test_flwr_run_local_simulation(flwr_env, tmp_path):
     run_dir = tmp_path / "flwr-run"
+    pyproject = (REPO / "pyproject.toml").read_bytes()
     proc = subprocess.run(
         [shutil.which("flwr", path=flwr_env["PATH"]), "run", ".", "--stream", "--run-config",
          f"overrides='federation=smoke rounds=2' run-dir='{run_dir}'"],
         cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # flwr migrates a [tool.flwr.federations] table out of pyproject in place; we keep none
+    assert (REPO / "pyproject.toml").read_bytes() == pyproject
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert set(summary["nodes"]) == {"alpha", "beta"}
