@@ -1,8 +1,8 @@
 """A local strategy is a composition of small parts chosen by name in config.
 
 SNOW's own code made every strategy a flag of one big train(); here each part (sampler, loss,
-label transform, optimiser) is looked up in its registry and can be tested alone. Samplers,
-losses and label transforms are `Part`s: a name plus a `<part>_params` mapping, checked against
+label transform, augmentation, optimiser) is looked up in its registry and can be tested alone. Samplers,
+losses, label transforms and augmentations are `Part`s: a name plus a `<part>_params` mapping, checked against
 the part's schema (unknown names, bad values) when the strategy is built from its config mapping.
 """
 
@@ -17,6 +17,7 @@ import torch
 
 from snowfed.config import ConfigError, require_int, require_number
 
+from .augment import AUGMENTATIONS, Augmentation
 from .losses import LOSSES, Loss
 from .parts import Part
 from .samplers import SAMPLERS
@@ -29,7 +30,9 @@ PARTS: dict[str, dict[str, Part]] = {
     "sampler": SAMPLERS,
     "loss": LOSSES,
     "label_transform": LABEL_TRANSFORMS,
+    "augmentation": AUGMENTATIONS,
 }
+OPTIONAL_PARTS = ("label_transform", "augmentation")  # default "none": older configs lack them
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class StrategySpec:
     loss_params: dict[str, Any] = field(default_factory=dict)
     label_transform: str = "none"
     label_transform_params: dict[str, Any] = field(default_factory=dict)
+    augmentation: str = "none"
+    augmentation_params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], key: str = "strategy") -> StrategySpec:
@@ -60,7 +65,7 @@ class StrategySpec:
             if name not in known:
                 raise ConfigError(f"{key}.{name}", cfg[name], f"a strategy key ({', '.join(known)})")
         registries = {**PARTS, "optimizer": OPTIMIZERS}
-        chosen = {name: cfg.get(name, "none" if name == "label_transform" else None) for name in registries}
+        chosen = {name: cfg.get(name, "none" if name in OPTIONAL_PARTS else None) for name in registries}
         for name, registry in registries.items():
             if not isinstance(chosen[name], str) or chosen[name] not in registry:
                 raise ConfigError(f"{key}.{name}", chosen[name], f"one of {', '.join(registry)}")
@@ -89,6 +94,7 @@ class LocalStrategy:
     sampler: Any
     loss: Loss
     label_transform: LabelTransform
+    augmentation: Augmentation
 
     @classmethod
     def build(cls, spec: StrategySpec, images: np.ndarray, labels: np.ndarray) -> LocalStrategy:
@@ -109,15 +115,17 @@ class LocalStrategy:
             sampler=make("sampler", images, labels),
             loss=make("loss"),
             label_transform=make("label_transform"),
+            augmentation=make("augmentation"),
         )
 
     def batch(
         self, generator: torch.Generator, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training batch on `device`: sampled tiles, then the label transform there."""
+        """One training batch on `device`: sampled tiles, then the label transform and the
+        augmentation there (after the transform, so a dilated mask is warped with its image)."""
         x, y = self.sampler(self.spec.batch_size, self.spec.tile_size, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return x, self.label_transform(y, generator)
+        return self.augmentation(x, self.label_transform(y, generator), generator)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return OPTIMIZERS[self.spec.optimizer](params, lr=self.spec.lr)

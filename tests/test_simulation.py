@@ -87,7 +87,8 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "strategy", ["baseline", "only_positive", "weak", "soft_weak", "noisy_soft_weak", "label_augment"]
+    "strategy",
+    ["baseline", "augment", "only_positive", "weak", "soft_weak", "noisy_soft_weak", "label_augment"],
 )
 def test_every_strategy_runs_a_smoke_round(strategy, tmp_path):
     summary = run(compose(["federation=smoke", f"strategy={strategy}", "rounds=1"]), tmp_path / "r")
