@@ -2,12 +2,15 @@
 
 In simulation every node opens the federation store named in the server's config and finds its
 data by its `partition-id`; what a node builds (data tensors, strategy, model skeleton) is built
-once per Ray actor and reused every round.
+once per Ray actor and reused every round. What its strategy must remember between rounds
+(initial weights, a trained teacher) lives in Flower's `Context.state`, which follows the node
+from actor to actor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -30,6 +33,7 @@ class _Node:
     strategy: LocalStrategy
     model: torch.nn.Module
     device: torch.device
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 _NODES: dict[tuple[str, int], _Node] = {}
@@ -52,9 +56,24 @@ def _node(msg: Message, context: Context) -> _Node:
             num_classes=store.manifest["num_classes"],
             **{k: v for k, v in model_cfg.items() if k != "name"},
         ).to(device)
-        strategy = LocalStrategy.build(StrategySpec(**entry["strategy"]), data.images, data.labels)
+        strategy = LocalStrategy.build(
+            StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
+        )
         _NODES[key] = _Node(partition_id, data, strategy, model, device)
-    return _NODES[key]
+    node = _NODES[key]
+    for name, record in context.state.array_records.items():
+        if name.startswith(_MEMORY) and name[len(_MEMORY) :] not in node.memory:
+            node.memory[name[len(_MEMORY) :]] = record.to_torch_state_dict()
+    return node
+
+
+_MEMORY = "snowfed.memory."  # prefix of the strategy's memory entries in Context.state
+
+
+def _save_memory(node: _Node, context: Context) -> None:
+    for name, state in node.memory.items():
+        if _MEMORY + name not in context.state:
+            context.state[_MEMORY + name] = ArrayRecord(state)
 
 
 def _load_global(node: _Node, msg: Message) -> None:
@@ -69,7 +88,8 @@ def train(msg: Message, context: Context) -> Message:
     # Reproducible per (seed, round, node), whichever actor runs the node.
     seed = int(config["seed"]) * 1_000_003 + int(config["server-round"]) * 1009 + node.partition_id
     generator = torch.Generator().manual_seed(seed)
-    stats = train_locally(node.model, node.strategy, generator, node.device)
+    stats = train_locally(node.model, node.strategy, generator, node.device, node.memory)
+    _save_memory(node, context)
     # The locally trained model on the node's clean held-out split: what this node's labels and
     # strategy alone made of the global model this round (the global model's score on the same
     # split comes from the evaluate phase).
@@ -82,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             "local-f1": local["f1"],
             "local-precision": local["precision"],
             "local-recall": local["recall"],
+            "pseudo-labelled": stats.pseudo_labelled,
             "partition-id": node.partition_id,
         }
     )

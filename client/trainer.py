@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ class TrainStats:
     first_loss: float  # mean loss of the first step (before any update this round)
     last_loss: float  # mean loss over the last quarter of the steps
     steps: int
+    pseudo_labelled: float  # fraction of pixels the teacher filled in (0 without a teacher)
 
 
 def train_locally(
@@ -21,18 +23,25 @@ def train_locally(
     strategy: LocalStrategy,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    memory: dict[str, Any] | None = None,
 ) -> TrainStats:
-    """Run the strategy's local steps on the node's own (noisy) labels."""
+    """Run the strategy's local steps on the node's own (noisy) labels. `memory` is what the
+    node's strategy keeps between rounds (initial weights, teacher); the caller keeps it."""
     spec = strategy.spec
+    trainable = strategy.start_round(model, {} if memory is None else memory, generator, device)
     model.train()
-    optimizer = strategy.optimizer([p for p in model.parameters() if p.requires_grad])
+    optimizer = strategy.optimizer(trainable)
     losses = []
     for _ in range(spec.local_steps):
-        x, y = strategy.batch(generator, device)
-        loss = strategy.loss(model(x), y)
+        loss = strategy.step_loss(model, generator, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     tail = losses[-max(1, len(losses) // 4) :]
-    return TrainStats(first_loss=losses[0], last_loss=sum(tail) / len(tail), steps=len(losses))
+    return TrainStats(
+        first_loss=losses[0],
+        last_loss=sum(tail) / len(tail),
+        steps=len(losses),
+        pseudo_labelled=strategy.teacher.filled_fraction,
+    )

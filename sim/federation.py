@@ -4,7 +4,7 @@ noisy labels and a local strategy, validated up front and written once as a fede
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,10 @@ import numpy as np
 
 from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
 from snowfed.data.synthetic import Appearance, generate
+from snowfed.models import MODELS, build_model
 from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
+from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
 
 from .noise import SnowNoise, degrade_dataset
 
@@ -29,6 +31,7 @@ class Hospital:
     noise_profile: str
     noise: SnowNoise
     strategy: StrategySpec
+    clean_fraction: float = 0.0  # share of the training images whose labels stay clean (verified)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,45 @@ def _appearance(spec: Any, key: str) -> Appearance:
     return Appearance(**spec)
 
 
+def _num_verified(h: Hospital, val_fraction: float) -> int:
+    n_val = max(1, int(round(val_fraction * h.num_images))) if val_fraction else 0
+    return int(round(h.clean_fraction * (h.num_images - n_val)))
+
+
+def _check_against_model(spec: StrategySpec, cfg: Mapping[str, Any], key: str) -> StrategySpec:
+    """Checks of a strategy that need the configured model: stages to freeze, a checkpoint that
+    fits. A checkpoint path comes back resolved to its file, so the run records what it read."""
+    model_cfg = dict(cfg["model"])
+    name = model_cfg.pop("name", None)
+    require(name in MODELS, "model.name", name, f"one of {', '.join(MODELS)}")
+    model = build_model(name, num_classes=int(cfg["task"]["num_classes"]), **model_cfg)
+    stages = [stage for stage, _ in model.named_stages]
+    require(spec.freeze_stages <= len(stages), f"{key}.freeze_stages", spec.freeze_stages,
+            f"an integer from 0 to {len(stages)} (the model's stages: {', '.join(stages)})")
+    if spec.init != "checkpoint":
+        return spec
+    path_key = f"{key}.init_params.path"
+    path = spec.init_params["path"]
+    if path == LAST_RUN:
+        root = Path(str(cfg.get("run_dir", "runs"))).parent
+
+        def fits(file: Path) -> bool:
+            try:
+                load_checkpoint(file, model, path_key)
+            except ConfigError:
+                return False
+            return True
+
+        found = last_run_checkpoint(root, fits)
+        require(found is not None, path_key, path,
+                f"a checkpoint file or run directory ({LAST_RUN!r}: the newest completed run under "
+                f"{root}/ whose final model fits model={name}; there is none yet)")
+        path = str(found)
+    load_checkpoint(path, model, path_key)
+    resolved = str(checkpoint_file(path).resolve())
+    return replace(spec, init_params={**spec.init_params, "path": resolved})
+
+
 def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
     """Validate the whole federation config; raise ConfigError on the first bad key."""
     fed = cfg["federation"]
@@ -101,6 +143,8 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
         require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
                 "a unique non-empty name")
         names.add(name)
+        strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
+        strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
         if global_noise is not None:
             profile, noise = _noise({"preset": global_noise["name"], **global_noise}, "noise")
         else:
@@ -112,13 +156,21 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
                 appearance=_appearance(h.get("appearance"), f"{key}.appearance"),
                 noise_profile=profile,
                 noise=noise,
-                strategy=_strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy"),
+                strategy=_check_against_model(strategy, cfg, strategy_key),
+                clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction",
+                                              0.0, 1.0),
             )
         )
+    val_fraction = require_number(fed.get("val_fraction"), "federation.val_fraction", 0.0, 0.9)
+    for i, h in enumerate(hospitals):
+        if h.strategy.teacher == "clean":
+            require(_num_verified(h, val_fraction) > 0, f"federation.hospitals[{i}].clean_fraction",
+                    h.clean_fraction, "a fraction > 0 leaving at least one verified training image "
+                    "(this hospital's strategy has teacher 'clean', trained on its verified images)")
     return FederationPlan(
         name=str(fed.get("name", "custom")),
         image_size=require_int(cfg["dataset"].get("image_size"), "dataset.image_size", 16),
-        val_fraction=require_number(fed.get("val_fraction"), "federation.val_fraction", 0.0, 0.9),
+        val_fraction=val_fraction,
         test_images_per_site=require_int(
             fed.get("test_images_per_site"), "federation.test_images_per_site", 1
         ),
@@ -143,18 +195,22 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
             raise ConfigError(f"federation.hospitals[{i}].num_images", h.num_images,
                               f"large enough to leave a training image after a {plan.val_fraction} "
                               "validation split")
-        train_inst = inst[n_test + n_val :]
-        labels, stats = degrade_dataset(train_inst, h.noise, seed=plan.seed * 104729 + i)
+        n_verified = _num_verified(h, plan.val_fraction)
+        # the first n_verified training images keep their clean labels; the rest are degraded
+        labels, stats = degrade_dataset(inst[n_test + n_val + n_verified :], h.noise,
+                                        seed=plan.seed * 104729 + i)
         clean_i = (inst > 0).astype(np.uint8)
         noisy_i = clean_i.copy()
-        noisy_i[n_test + n_val :] = labels
+        noisy_i[n_test + n_val + n_verified :] = labels
+        train_start = offset + n_test + n_val
         images.append(imgs), clean.append(clean_i), noisy.append(noisy_i)
         test.extend(range(offset, offset + n_test))
         nodes.append(
             {
                 "name": h.name,
                 "val": list(range(offset + n_test, offset + n_test + n_val)),
-                "train": list(range(offset + n_test + n_val, offset + total)),
+                "train": list(range(train_start, offset + total)),
+                "verified": list(range(train_start, train_start + n_verified)),
                 "num_train": n_train,
                 "num_val": n_val,
                 "noise_profile": h.noise_profile,
@@ -187,6 +243,7 @@ def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
             "strategy": n["strategy"]["name"],
             "num_train": n["num_train"],
             "num_val": n["num_val"],
+            "num_verified": len(n.get("verified", [])),
             "label_noise": n["label_noise"],
             "noise": n["noise"],
             "appearance": n["appearance"],

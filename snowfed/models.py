@@ -131,6 +131,14 @@ class ShortRes(nn.Module):
     def stages(self) -> list[nn.Module]:
         return [module for _, module in self.named_stages]
 
+    def reconstruction_decoder(self) -> nn.Module:
+        """A fresh decoder from the encoder's features back to the image (sigmoid, [0, 1]), for
+        autoencoder pre-training. It has no skips: with them the identity is trivially learned
+        through ``enc1`` and the bottleneck would learn nothing."""
+        width, channels = self.head.in_channels, self.encoder.stem[0].in_channels
+        norm = "group" if isinstance(self.encoder.stem[1], nn.GroupNorm) else "none"
+        return nn.Sequential(Up(width, norm), Up(width, norm), nn.Conv2d(width, channels, 1), nn.Sigmoid())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 4 or x.shape[-1] % 4:
             raise ValueError(f"ShortRes needs H and W divisible by 4, got {tuple(x.shape[-2:])}")
@@ -141,6 +149,17 @@ class ShortRes(nn.Module):
         x = self.up1(x, f2 if self.skips else None)
         x = self.up2(x, f1 if self.skips else None)
         return self.head(x)
+
+
+def stage_keys(model: nn.Module, k: int) -> list[str]:
+    """The state-dict keys (parameters and buffers) of the model's first k stages."""
+    stages = model.named_stages
+    if not 0 <= k <= len(stages):
+        names = ", ".join(name for name, _ in stages)
+        raise ValueError(f"cannot take the first {k} stages of a model with {len(stages)} ({names})")
+    owned = {id(t) for _, stage in stages[:k] for t in [*stage.parameters(), *stage.buffers()]}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return [key for key in model.state_dict() if id(tensors.get(key)) in owned]
 
 
 def tile_scores(seg_logits: torch.Tensor) -> torch.Tensor:

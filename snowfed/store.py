@@ -48,13 +48,15 @@ def write_store(path: str | Path, arrays: dict[str, np.ndarray], manifest: dict[
 @dataclass(frozen=True)
 class NodeData:
     """One node's view of the store: its training images with their (noisy) labels, and its
-    clean held-out split for evaluation. Arrays are read-only memory maps or slices of them."""
+    clean held-out split for evaluation. Arrays are read-only memory maps or slices of them.
+    `verified` marks the training images whose labels are clean (the site's clean_fraction)."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     val_images: np.ndarray
     val_masks: np.ndarray
+    verified: np.ndarray
 
 
 class FederationStore:
@@ -91,6 +93,7 @@ class FederationStore:
             labels=a["noisy"][train],
             val_images=a["images"][val],
             val_masks=a["clean"][val],
+            verified=np.isin(train, np.asarray(entry.get("verified", []), dtype=int)),
         )
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:

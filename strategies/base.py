@@ -1,9 +1,14 @@
 """A local strategy is a composition of small parts chosen by name in config.
 
 SNOW's own code made every strategy a flag of one big train(); here each part (sampler, loss,
-label transform, augmentation, optimiser) is looked up in its registry and can be tested alone. Samplers,
-losses, label transforms and augmentations are `Part`s: a name plus a `<part>_params` mapping, checked against
-the part's schema (unknown names, bad values) when the strategy is built from its config mapping.
+label transform, augmentation, initialisation, teacher, optimiser) is looked up in its registry
+and can be tested alone. All but the optimiser are `Part`s: a name plus a `<part>_params`
+mapping, checked against the part's schema (unknown names, bad values) when the strategy is
+built from its config mapping.
+
+A node's strategy keeps what must survive between rounds (its initial weights, a trained
+teacher) in a `memory` mapping the caller owns; the ClientApp stores it in Flower's per-node
+`Context.state`, so it follows the node to whichever Ray actor runs it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import numpy as np
 import torch
 
 from snowfed.config import ConfigError, require_int, require_number
+from snowfed.models import stage_keys
 
 from .augment import AUGMENTATIONS, Augmentation
+from .init import INITS, Init
 from .losses import LOSSES, Loss
 from .parts import Part
 from .samplers import SAMPLERS
+from .teacher import TEACHERS, NoTeacher
 from .transforms import LABEL_TRANSFORMS, LabelTransform
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -31,8 +39,12 @@ PARTS: dict[str, dict[str, Part]] = {
     "loss": LOSSES,
     "label_transform": LABEL_TRANSFORMS,
     "augmentation": AUGMENTATIONS,
+    "init": INITS,
+    "teacher": TEACHERS,
 }
-OPTIONAL_PARTS = ("label_transform", "augmentation")  # default "none": older configs lack them
+# default "none" when a config leaves them out
+OPTIONAL_PARTS = ("label_transform", "augmentation", "init", "teacher")
+INIT_KEY = "init"  # where the node's initial weights sit in its memory
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,11 @@ class StrategySpec:
     label_transform_params: dict[str, Any] = field(default_factory=dict)
     augmentation: str = "none"
     augmentation_params: dict[str, Any] = field(default_factory=dict)
+    init: str = "none"
+    init_params: dict[str, Any] = field(default_factory=dict)
+    freeze_stages: int = 0  # the first k model stages keep their initial weights at this node
+    teacher: str = "none"
+    teacher_params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], key: str = "strategy") -> StrategySpec:
@@ -81,6 +98,7 @@ class StrategySpec:
             local_steps=require_int(cfg.get("local_steps"), f"{key}.local_steps", 1),
             batch_size=require_int(cfg.get("batch_size"), f"{key}.batch_size", 1),
             tile_size=require_int(cfg.get("tile_size"), f"{key}.tile_size", 4),
+            freeze_stages=require_int(cfg.get("freeze_stages", 0), f"{key}.freeze_stages", 0),
             **chosen,
             **params,
         )
@@ -95,10 +113,20 @@ class LocalStrategy:
     loss: Loss
     label_transform: LabelTransform
     augmentation: Augmentation
+    init: Init
+    teacher: NoTeacher
+    images: np.ndarray  # the node's training images (the autoencoder init reads them)
 
     @classmethod
-    def build(cls, spec: StrategySpec, images: np.ndarray, labels: np.ndarray) -> LocalStrategy:
-        """Bind the spec's parts to a node's data (parameters re-checked: specs also come from JSON)."""
+    def build(
+        cls,
+        spec: StrategySpec,
+        images: np.ndarray,
+        labels: np.ndarray,
+        verified: np.ndarray | None = None,
+    ) -> LocalStrategy:
+        """Bind the spec's parts to a node's data (parameters re-checked: specs also come from
+        JSON). `verified` marks the training images whose labels are clean (the teacher's)."""
 
         def make(name: str, *args):
             part = PARTS[name][getattr(spec, name)]
@@ -116,7 +144,48 @@ class LocalStrategy:
             loss=make("loss"),
             label_transform=make("label_transform"),
             augmentation=make("augmentation"),
+            init=make("init"),
+            teacher=make("teacher", images[verified] if verified is not None else None,
+                         labels[verified] if verified is not None else None),
+            images=images,
         )
+
+    def start_round(
+        self,
+        model: torch.nn.Module,
+        memory: dict[str, Any],
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ) -> list[torch.nn.Parameter]:
+        """Before the round's local steps (the model holds the received global model): apply
+        the init in the node's first round, put the frozen stages back to their initial weights,
+        set up the teacher. Returns the parameters the optimiser may change."""
+        spec = self.spec
+        frozen = stage_keys(model, spec.freeze_stages)
+        if spec.init != "none" or frozen:
+            if INIT_KEY not in memory:
+                initial = self.init(model, self.images, spec.tile_size, generator, device)
+                memory[INIT_KEY] = initial
+                model.load_state_dict(initial)
+            else:
+                model.load_state_dict({k: memory[INIT_KEY][k] for k in frozen}, strict=False)
+        self.teacher.prepare(model, memory, self, generator, device)
+        frozen_set = set(frozen)
+        trainable = []
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in frozen_set)
+            if name not in frozen_set:
+                trainable.append(param)
+        return trainable
+
+    def step_loss(
+        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """The loss of one training step: a batch, the teacher's pseudo-labels, the loss."""
+        x, y = self.batch(generator, device)
+        y, teacher_logits = self.teacher.relabel(x, y)
+        logits = model(x)
+        return self.loss(logits, y) + self.teacher.extra_loss(logits, teacher_logits)
 
     def batch(
         self, generator: torch.Generator, device: torch.device | str = "cpu"

@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
-from snowfed.config import compose
+from snowfed.config import compose, group_options
+from snowfed.models import build_model, stage_keys
 from snowfed.rundir import read_jsonl
 from snowfed.sim.runner import run
 
@@ -86,12 +88,30 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
     assert [h["round"] for h in summary["history"]] == global_rounds
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    ["baseline", "augment", "only_positive", "weak", "soft_weak", "noisy_soft_weak", "label_augment"],
-)
+@pytest.mark.parametrize("strategy", [s for s in group_options("strategy") if s != "transfer"])
 def test_every_strategy_runs_a_smoke_round(strategy, tmp_path):
     summary = run(compose(["federation=smoke", f"strategy={strategy}", "rounds=1"]), tmp_path / "r")
     assert summary["status"] == "completed"
     assert {n["strategy"] for n in summary["nodes"].values()} == {strategy}
     assert all("train-loss" in n["final_train"] for n in summary["nodes"].values())
+
+
+def test_transfer_from_the_last_run_keeps_its_encoder_through_the_federation(tmp_path):
+    """`strategy=transfer` with its default path 'last': the earlier run's final model is the
+    start, and the frozen encoder it gives both nodes is still the global model's at the end."""
+    runs = tmp_path / "runs"
+    source = runs / "source"
+    run(compose(["federation=smoke", "rounds=1", f"run_dir={source}"]), source)
+    target = runs / "target"
+    cfg = compose(["federation=smoke", "strategy=transfer", "rounds=2", f"run_dir={target}"])
+    summary = run(cfg, target)
+    assert summary["status"] == "completed"
+    before = torch.load(source / "model_final.pt", weights_only=True)
+    after = torch.load(target / "model_final.pt", weights_only=True)
+    frozen = stage_keys(build_model("shortres", num_classes=2, width=16), 4)
+    # FedAvg of identical tensors: equal up to the rounding of the weighted mean
+    assert all(torch.allclose(after[k], before[k], rtol=1e-6, atol=1e-7) for k in frozen)
+    assert any(not torch.allclose(after[k], before[k]) for k in after if k not in frozen)
+    manifest = json.loads((target / "federation" / "manifest.json").read_text())
+    assert {n["strategy"]["init_params"]["path"] for n in manifest["nodes"]} == {
+        str((source / "model_final.pt").resolve())}

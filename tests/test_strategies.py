@@ -212,9 +212,14 @@ def _tiny_node() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", group_options("strategy"))
-def test_every_strategy_config_builds_and_trains(name):
+def test_every_strategy_config_builds_and_trains(name, tmp_path):
     cfg = {**load_group_option("strategy", name, "strategy"), "local_steps": 3, "batch_size": 2,
            "tile_size": 16}
+    if cfg["init"] == "checkpoint":  # a model to transfer from
+        torch.save(build_model("shortres", num_classes=2, width=8).state_dict(), tmp_path / "m.pt")
+        cfg["init_params"] = {**cfg["init_params"], "path": str(tmp_path / "m.pt")}
+    if cfg["init"] == "autoencoder":
+        cfg["init_params"] = {**cfg["init_params"], "steps": 3}
     spec = StrategySpec.from_config(cfg)
     assert spec.name == name
     assert StrategySpec(**json.loads(json.dumps(asdict(spec)))) == spec  # as in the manifest
