@@ -2,6 +2,7 @@
 
     snowfed run [HYDRA OVERRIDES]      one simulation (e.g. federation=smoke rounds=2)
     snowfed run -m [SWEEP OVERRIDES]   a Hydra multirun sweep (e.g. seed=0,1,2)
+    snowfed report DIR... [FLAGS]      a table of finished runs (e.g. strategy x noise preset)
 
 The CLI sits on top of the stack, so its command handlers import `snowfed.sim` lazily: the core
 modules themselves never import a role package.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose
@@ -19,7 +21,11 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
 
   run        run a federated simulation; OVERRIDEs are Hydra overrides such as
              federation=smoke rounds=2 strategy.lr=0.0005 noise=noisy backend=gpu
-  run -m     a sweep over comma-separated values (Hydra multirun), e.g. seed=0,1,2
+  run -m     a sweep over comma-separated values (Hydra multirun), e.g. seed=0,1,2; run again,
+             the same command runs only the jobs that have not completed
+  report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
+             final global metric over the completed runs under DIR, grouped by two config keys
+             (defaults strategy.name x noise.name, f1); writes report.md and report.csv
 
 Config groups: task dataset model federation noise strategy aggregation privacy backend experiment
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
@@ -35,10 +41,47 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else EXIT_BAD_CONFIG
     command, args = argv[0], argv[1:]
+    if command == "report":
+        return report_command(args)
     if command != "run":
         print(f"snowfed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     return run_command(args)
+
+
+def report_command(args: list[str]) -> int:
+    import argparse
+
+    from snowfed.report import build_table, find_runs, write_report
+
+    parser = argparse.ArgumentParser(prog="snowfed report")
+    parser.add_argument("dirs", nargs="+", help="run or sweep directories")
+    parser.add_argument("--rows", default="strategy.name", help="config key of the rows")
+    parser.add_argument("--cols", default="noise.name", help="config key of the columns")
+    parser.add_argument("--metric", default="f1", help="final global metric (f1, dice, mcc, ...)")
+    parser.add_argument("--row-order", default="", help="comma-separated row labels, in order")
+    parser.add_argument("--col-order", default="", help="comma-separated column labels, in order")
+    parser.add_argument("--out", help="where report.md and report.csv go (default: the first DIR)")
+    try:
+        opts = parser.parse_args(args)
+    except SystemExit as exit_:
+        return EXIT_BAD_CONFIG if exit_.code else 0
+    try:
+        runs = find_runs(opts.dirs)
+    except FileNotFoundError as err:
+        print(f"snowfed: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    row_order, col_order = ([t for t in order.split(",") if t] for order in (opts.row_order, opts.col_order))
+    table = build_table(runs, opts.rows, opts.cols, opts.metric, row_order, col_order)
+    if not any(cell.values for cell in table.cells.values()):
+        print(f"snowfed: no completed run with a global {opts.metric!r} under {' '.join(opts.dirs)} "
+              f"({len(runs)} runs found)", file=sys.stderr)
+        return 1
+    md, csv_path = write_report(table, Path(opts.out or opts.dirs[0]))
+    print(table.markdown(), end="")
+    print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
+          f"skipped); wrote {md} and {csv_path}")
+    return 0
 
 
 def run_command(args: list[str]) -> int:
@@ -69,12 +112,29 @@ def run_command(args: list[str]) -> int:
 
 
 def _job(cfg) -> None:
-    """One Hydra job: the run directory is Hydra's output directory (`run_dir`)."""
-    from hydra.core.hydra_config import HydraConfig
+    """One Hydra job: the run directory is Hydra's output directory (`run_dir`).
 
+    In a sweep, a job whose directory already holds a completed run is skipped, and one that
+    holds an unfinished run is moved aside (kept, never deleted) and run again: a sweep stopped
+    half-way and started again with the same command runs only what is missing.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from snowfed.rundir import SUMMARY, read_summary_status
     from snowfed.sim.runner import run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        status = read_summary_status(run_dir)
+        if status == "completed":
+            print(f"done already: {run_dir} (skipped)")
+            return
+        if status is not None or (run_dir / SUMMARY).exists() or any(run_dir.glob("*.jsonl")):
+            aside = run_dir.with_name(f"{run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"unfinished run moved to {aside}; running it again")
     summary = run(cfg, run_dir)
     print(f"{summary['status']}: {summary['rounds']} rounds, global f1 "
           f"{summary['global'].get('f1', float('nan')):.3f}, run directory {run_dir}")

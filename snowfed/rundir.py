@@ -108,3 +108,11 @@ def build_summary(
     if reason:
         summary["reason"] = reason
     return summary
+
+
+def read_summary_status(run_dir: Path) -> str | None:
+    """The status a run directory's summary.json records, or None (no summary, or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
