@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_command(args: list[str]) -> int:
     import argparse
 
-    from snowfed.report import build_table, find_runs, write_report
+    from snowfed.sim.report import build_table, find_runs, write_report
 
     parser = argparse.ArgumentParser(prog="snowfed report")
     parser.add_argument("dirs", nargs="+", help="run or sweep directories")

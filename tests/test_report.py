@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from snowfed.cli import main
-from snowfed.report import build_table, find_runs
+from snowfed.sim.report import build_table, find_runs
 
 
 def _run(path, strategy, noise, seed, f1, status="completed"):
