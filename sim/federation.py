@@ -94,13 +94,17 @@ def _num_verified(h: Hospital, val_fraction: float) -> int:
     return int(round(h.clean_fraction * (h.num_images - n_val)))
 
 
-def _check_against_model(spec: StrategySpec, cfg: Mapping[str, Any], key: str) -> StrategySpec:
-    """Checks of a strategy that need the configured model: stages to freeze, a checkpoint that
-    fits. A checkpoint path comes back resolved to its file, so the run records what it read."""
+def _configured_model(cfg: Mapping[str, Any]):
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name", None)
     require(name in MODELS, "model.name", name, f"one of {', '.join(MODELS)}")
-    model = build_model(name, num_classes=int(cfg["task"]["num_classes"]), **model_cfg)
+    return build_model(name, num_classes=int(cfg["task"]["num_classes"]), **model_cfg)
+
+
+def _check_against_model(spec: StrategySpec, model, cfg: Mapping[str, Any], key: str) -> StrategySpec:
+    """Checks of a strategy that need the configured model: stages to freeze, a checkpoint that
+    fits. A checkpoint path comes back resolved to its file, so the run records what it read."""
+    name = cfg["model"].get("name")
     stages = [stage for stage, _ in model.named_stages]
     require(spec.freeze_stages <= len(stages), f"{key}.freeze_stages", spec.freeze_stages,
             f"an integer from 0 to {len(stages)} (the model's stages: {', '.join(stages)})")
@@ -136,6 +140,7 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
             "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
     global_noise = cfg.get("noise")
+    model = _configured_model(cfg)
     hospitals, names = [], set()
     for i, h in enumerate(hospitals_cfg):
         key = f"federation.hospitals[{i}]"
@@ -156,7 +161,7 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
                 appearance=_appearance(h.get("appearance"), f"{key}.appearance"),
                 noise_profile=profile,
                 noise=noise,
-                strategy=_check_against_model(strategy, cfg, strategy_key),
+                strategy=_check_against_model(strategy, model, cfg, strategy_key),
                 clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction",
                                               0.0, 1.0),
             )
