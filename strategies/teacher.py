@@ -116,7 +116,8 @@ class Teacher(NoTeacher):
     def relabel(self, x: torch.Tensor, labels: torch.Tensor):
         logits = self.net(x)
         merged = pseudo_labels(logits, labels, self.threshold, self.unit)
-        self.filled += int((merged != labels).sum())
+        # a tensor sum: no host sync per step on a GPU; read once per round (filled_fraction)
+        self.filled += (merged != labels).sum()
         self.pixels += labels.numel()
         return merged, logits
 
@@ -127,7 +128,7 @@ class Teacher(NoTeacher):
 
     @property
     def filled_fraction(self) -> float:
-        return self.filled / self.pixels if self.pixels else 0.0
+        return float(self.filled) / self.pixels if self.pixels else 0.0
 
 
 def _common() -> dict[str, Param]:
