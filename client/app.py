@@ -3,13 +3,21 @@
 In simulation every node opens the federation store named in the server's config and finds its
 data by its `partition-id`; what a node builds (data tensors, strategy, model skeleton) is built
 once per Ray actor and reused every round. What its strategy must remember between rounds
-(initial weights, a trained teacher) lives in Flower's `Context.state`, which follows the node
-from actor to actor.
+(initial weights, a trained teacher) is written next to the node's data in the store
+(`node-memory/<partition-id>/<name>.pt`), so it follows the node to whichever Ray actor runs it
+and survives a resumed run (Flower's `Context.state` lives only as long as the simulation).
+
+Message types: `query.identify` (which partition is this node), `train` (local round),
+`evaluate` (the global model on the node's clean held-out split) and `evaluate.personalize`
+(fine-tune the final global model locally; score both).
 """
 
 from __future__ import annotations
 
+import io
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +26,15 @@ from flwr.clientapp import ClientApp
 
 from snowfed.evaluation import evaluate_segmentation
 from snowfed.models import build_model
+from snowfed.rundir import atomic_write_bytes
 from snowfed.store import FederationStore, NodeData
 from snowfed.strategies import LocalStrategy, StrategySpec
 
-from .trainer import train_locally
+from .trainer import PERSONALIZE_SALT, node_generator, personalize_locally, train_locally
 
 app = ClientApp()
+PARTITION_KEY = "partition-id"  # every reply names the node's partition among its metrics
+MEMORY_DIR = "node-memory"
 
 
 @dataclass
@@ -33,17 +44,23 @@ class _Node:
     strategy: LocalStrategy
     model: torch.nn.Module
     device: torch.device
+    memory_dir: Path
+    failure: dict[str, Any] | None
     memory: dict[str, Any] = field(default_factory=dict)
 
 
 _NODES: dict[tuple[str, int], _Node] = {}
 
 
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
 def _node(msg: Message, context: Context) -> _Node:
     config = msg.content["config"]
     if "store" not in config:
         raise ValueError("the server's config names no federation store ('store' key)")
-    store_path, partition_id = str(config["store"]), int(context.node_config["partition-id"])
+    store_path, partition_id = str(config["store"]), _partition_id(context)
     key = (store_path, partition_id)
     if key not in _NODES:
         store = FederationStore(store_path)
@@ -59,37 +76,61 @@ def _node(msg: Message, context: Context) -> _Node:
         strategy = LocalStrategy.build(
             StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
         )
-        _NODES[key] = _Node(partition_id, data, strategy, model, device)
-    node = _NODES[key]
-    for name, record in context.state.array_records.items():
-        if name.startswith(_MEMORY) and name[len(_MEMORY) :] not in node.memory:
-            node.memory[name[len(_MEMORY) :]] = record.to_torch_state_dict()
-    return node
+        memory_dir = store.path / MEMORY_DIR / str(partition_id)
+        node = _Node(partition_id, data, strategy, model, device, memory_dir, entry.get("failure"))
+        for file in sorted(memory_dir.glob("*.pt")):
+            node.memory[file.stem] = torch.load(file, map_location="cpu", weights_only=True)
+        _NODES[key] = node
+    return _NODES[key]
 
 
-_MEMORY = "snowfed.memory."  # prefix of the strategy's memory entries in Context.state
-
-
-def _save_memory(node: _Node, context: Context) -> None:
+def _save_memory(node: _Node) -> None:
+    """Write memory entries the strategy created this round (each is written once)."""
     for name, state in node.memory.items():
-        if _MEMORY + name not in context.state:
-            context.state[_MEMORY + name] = ArrayRecord(state)
+        path = node.memory_dir / f"{name}.pt"
+        if not path.exists():
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_global(node: _Node, msg: Message) -> None:
     node.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
 
 
+def _simulated_failure(node: _Node, server_round: int) -> None:
+    """The hospital's `failure` setting: crash or stall in the listed rounds (a dropout test)."""
+    failure = node.failure
+    if not failure or server_round not in failure["rounds"]:
+        return
+    if failure["mode"] == "raise":
+        raise RuntimeError(f"simulated failure of partition {node.partition_id} in round "
+                           f"{server_round} (federation.hospitals[{node.partition_id}].failure)")
+    time.sleep(float(failure["stall_s"]))
+
+
+def _generator(config, node: _Node, salt: int = 0) -> torch.Generator:
+    return node_generator(int(config["seed"]), int(config["server-round"]), node.partition_id, salt)
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """The server asks each node once which partition (hospital) it is."""
+    record = MetricRecord({PARTITION_KEY: _partition_id(context)})
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(msg, context)
-    _load_global(node, msg)
     config = msg.content["config"]
-    # Reproducible per (seed, round, node), whichever actor runs the node.
-    seed = int(config["seed"]) * 1_000_003 + int(config["server-round"]) * 1009 + node.partition_id
-    generator = torch.Generator().manual_seed(seed)
-    stats = train_locally(node.model, node.strategy, generator, node.device, node.memory)
-    _save_memory(node, context)
+    _simulated_failure(node, int(config["server-round"]))
+    _load_global(node, msg)
+    stats = train_locally(
+        node.model, node.strategy, _generator(config, node), node.device, node.memory,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    _save_memory(node)
     # The locally trained model on the node's clean held-out split: what this node's labels and
     # strategy alone made of the global model this round (the global model's score on the same
     # split comes from the evaluate phase).
@@ -103,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
             "local-precision": local["precision"],
             "local-recall": local["recall"],
             "pseudo-labelled": stats.pseudo_labelled,
-            "partition-id": node.partition_id,
+            PARTITION_KEY: node.partition_id,
         }
     )
     arrays = ArrayRecord({k: v.cpu() for k, v in node.model.state_dict().items()})
@@ -116,6 +157,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     _load_global(node, msg)
     metrics = evaluate_segmentation(node.model, node.data.val_images, node.data.val_masks, node.device)
     record = MetricRecord(
-        {"num-examples": len(node.data.val_images), "partition-id": node.partition_id, **metrics}
+        {"num-examples": len(node.data.val_images), PARTITION_KEY: node.partition_id, **metrics}
+    )
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+@app.evaluate("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """Fine-tune the final global model on the node's own data (`steps` local steps of its
+    strategy); report the global and the personalised model on the node's clean held-out split."""
+    node = _node(msg, context)
+    config = msg.content["config"]
+    _load_global(node, msg)
+    scores = personalize_locally(
+        node.model, node.strategy, node.data.val_images, node.data.val_masks,
+        _generator(config, node, salt=PERSONALIZE_SALT), int(config["personalize-steps"]),
+        node.device, node.memory,
+    )
+    record = MetricRecord(
+        {"num-examples": len(node.data.val_images), PARTITION_KEY: node.partition_id, **scores}
     )
     return Message(RecordDict({"metrics": record}), reply_to=msg)

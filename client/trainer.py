@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from snowfed.evaluation import evaluate_segmentation
 from snowfed.strategies import LocalStrategy
 
 
@@ -24,16 +26,28 @@ def train_locally(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     memory: dict[str, Any] | None = None,
+    proximal_mu: float = 0.0,
+    steps: int | None = None,
 ) -> TrainStats:
     """Run the strategy's local steps on the node's own (noisy) labels. `memory` is what the
-    node's strategy keeps between rounds (initial weights, teacher); the caller keeps it."""
+    node's strategy keeps between rounds (initial weights, teacher); the caller keeps it.
+
+    `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_received||^2 to every step's loss (Flower's
+    FedProx sends mu; the site must apply it). `steps` replaces the strategy's local_steps
+    (personalisation fine-tunes with its own budget)."""
     spec = strategy.spec
+    received = (
+        {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
+    )
     trainable = strategy.start_round(model, {} if memory is None else memory, generator, device)
+    anchors = [(p, received[n]) for n, p in model.named_parameters() if p.requires_grad and received]
     model.train()
     optimizer = strategy.optimizer(trainable)
     losses = []
-    for _ in range(spec.local_steps):
+    for _ in range(spec.local_steps if steps is None else steps):
         loss = strategy.step_loss(model, generator, device)
+        if anchors:
+            loss = loss + proximal_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in anchors)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -45,3 +59,32 @@ def train_locally(
         steps=len(losses),
         pseudo_labelled=strategy.teacher.filled_fraction,
     )
+
+
+def personalize_locally(
+    model: torch.nn.Module,
+    strategy: LocalStrategy,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    generator: torch.Generator,
+    steps: int,
+    device: torch.device | str = "cpu",
+    memory: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Fine-tune `model` (the final global model) with `steps` local steps of the site's
+    strategy; the global and the personalised model's scores on the site's clean held-out split,
+    as `global-<metric>` and `personalized-<metric>`."""
+    before = evaluate_segmentation(model, val_images, val_masks, device)
+    train_locally(model, strategy, generator, device, memory, steps=steps)
+    after = evaluate_segmentation(model, val_images, val_masks, device)
+    return {**{f"global-{k}": v for k, v in before.items()},
+            **{f"personalized-{k}": v for k, v in after.items()}}
+
+
+PERSONALIZE_SALT = 7  # personalisation draws its own stream, not the last round's again
+
+
+def node_generator(seed: int, server_round: int, partition_id: int, salt: int = 0) -> torch.Generator:
+    """The random stream of one node's round: reproducible per (seed, round, node), whichever
+    Ray actor (or the in-process reference runs) computes it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + server_round * 1009 + partition_id + salt)

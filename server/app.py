@@ -2,33 +2,53 @@
 
 `run_federation` is the body of a ServerApp's main: the simulation (snowfed.sim) and the
 `flwr run .` app both call it with a Grid, the resolved config and the federation store.
+
+The loop is Flower's `Strategy.start` (configure -> send_and_receive -> aggregate, for train
+and evaluate, then the server's own evaluation) with what a benchmark run needs and `start`
+lacks: a checkpoint after every round and a resume from it, a per-round timeout whose
+latecomers are recorded, a stop with a reason when fewer than `min_train_nodes` sites reply, and
+optional personalisation after the last round. Aggregation itself stays in Flower's strategies.
 """
 
 from __future__ import annotations
 
 import io
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from snowfed.evaluation import evaluate_segmentation
 from snowfed.models import build_model
-from snowfed.rundir import FINAL_MODEL, METRICS, atomic_write_bytes
+from snowfed.rundir import (
+    FINAL_MODEL,
+    METRICS,
+    atomic_write_bytes,
+    keep_rounds_upto,
+    load_checkpoint,
+    save_checkpoint,
+)
 from snowfed.store import FederationStore
 
 from .aggregation import build_aggregation
-from .recording import RecordingStrategy, RoundRecorder
+from .quality import LossProbe
+from .recording import NODE_KEY, RoundRecorder
 
 
 @dataclass(frozen=True)
 class FederationResult:
     rounds_completed: int
     final_metrics: dict[str, float]
+
+
+class FederationStopped(RuntimeError):
+    """Too few sites replied in a round to go on; the run ends `failed` with this reason."""
 
 
 def build_global_model(model_cfg: Mapping[str, Any], num_classes: int, seed: int) -> torch.nn.Module:
@@ -38,6 +58,41 @@ def build_global_model(model_cfg: Mapping[str, Any], num_classes: int, seed: int
     return build_model(model_cfg["name"], num_classes=num_classes, **kwargs)
 
 
+def save_model(folder: Path, state_dict: Mapping[str, torch.Tensor], name: str = FINAL_MODEL) -> None:
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in state_dict.items()}, buffer)
+    atomic_write_bytes(folder / name, buffer.getvalue())
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What a Flower strategy has learnt across rounds (FedAdam's moments, FedAvgM's momentum,
+    the current arrays): its attributes that are data, not code. Flower has no state API."""
+    return {k: v for k, v in vars(strategy).items() if not callable(v)}
+
+
+def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str) -> list[int]:
+    """Ask every connected node which partition it is, so that a node that never replies is
+    still recorded under its hospital's name."""
+    node_ids = list(grid.get_node_ids())
+    config = ConfigRecord({"store": store_path})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
+                        message_type="query.identify") for nid in node_ids]
+    for reply in grid.send_and_receive(messages, timeout=600):
+        if not reply.has_error():
+            partition = int(reply.content["metrics"][NODE_KEY])
+            recorder.names_by_node_id[reply.metadata.src_node_id] = recorder.node_names[partition]
+    return node_ids
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], timeout: float
+) -> tuple[list[Message], list[int]]:
+    """Send, wait at most `timeout` s; the replies, and the nodes that did not reply in time."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replied = {m.metadata.src_node_id for m in replies}
+    return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+
+
 def run_federation(
     grid: Grid,
     cfg: Mapping[str, Any],
@@ -45,33 +100,95 @@ def run_federation(
     run_dir: Path,
     on_round: Callable[[int, dict, dict[str, float]], None] | None = None,
 ) -> FederationResult:
-    """Run `cfg["rounds"]` rounds; write metrics.jsonl as rounds complete and the final model."""
+    """Run rounds up to `cfg["rounds"]`, from the run directory's checkpoint if it has one;
+    append to metrics.jsonl as rounds complete, checkpoint each round, write the final model."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_global_model(cfg["model"], cfg["task"]["num_classes"], cfg["seed"]).to(device)
     test_images, test_masks = store.test_set()
     node_names = [n["name"] for n in store.nodes]
     recorder = RoundRecorder(run_dir / METRICS, node_names, on_round)
+    agg_cfg = cfg["aggregation"]
+    probe = None
+    if agg_cfg["name"] == "quality":
+        probe = LossProbe(build_global_model(cfg["model"], cfg["task"]["num_classes"], 0).to(device),
+                          *store.server_val_set(), device)
+    strategy, timeout = build_aggregation(agg_cfg, len(node_names), probe)
+    min_replies = int(agg_cfg["min_train_nodes"])
     completed: dict[int, dict[str, float]] = {}
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate_segmentation(model, test_images, test_masks, device)
         recorder.record_global(server_round, metrics)
         completed[server_round] = metrics
-        return MetricRecord(metrics)
 
-    strategy = RecordingStrategy(build_aggregation(cfg["aggregation"], len(node_names)), recorder)
-    node_config = ConfigRecord({"store": str(store.path.resolve()), "seed": int(cfg["seed"])})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(cfg["rounds"]),
-        train_config=node_config,
-        evaluate_config=ConfigRecord(dict(node_config)),
-        evaluate_fn=evaluate_global,
-    )
-    buffer = io.BytesIO()
-    torch.save(result.arrays.to_torch_state_dict(), buffer)
-    atomic_write_bytes(run_dir / FINAL_MODEL, buffer.getvalue())
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        save_checkpoint(run_dir, server_round, {
+            "arrays": arrays.to_torch_state_dict(),
+            "strategy": strategy_state(strategy),
+            "random": random.getstate(),  # Flower samples sites with Python's `random`
+            "metrics": completed[server_round],
+        })
+
+    saved = load_checkpoint(run_dir)
+    if saved is None:
+        keep_rounds_upto(run_dir / METRICS, -1)
+        arrays = ArrayRecord(model.state_dict())
+        evaluate_global(0, arrays)
+        checkpoint(0, arrays)
+    else:
+        keep_rounds_upto(run_dir / METRICS, saved["round"])
+        arrays = ArrayRecord(saved["arrays"])
+        vars(strategy).update(saved["strategy"])
+        random.setstate(saved["random"])
+        completed[saved["round"]] = saved["metrics"]
+
+    node_ids = identify_nodes(grid, recorder, str(store.path.resolve()))
+    node_config = {"store": str(store.path.resolve()), "seed": int(cfg["seed"])}
+    for rnd in range(max(completed) + 1, int(cfg["rounds"]) + 1):
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
+        replies, missing = _exchange(grid, messages, timeout)
+        valid = [m for m in replies if not m.has_error()]
+        aggregated, _ = strategy.aggregate_train(rnd, replies) if valid else (None, None)
+        recorder.record_replies(rnd, "train", replies, missing, timeout)
+        if len(valid) < min_replies:
+            left_out = [recorder.name_of(m.metadata.src_node_id) for m in replies if m.has_error()]
+            left_out += [recorder.name_of(n) for n in missing]
+            raise FederationStopped(
+                f"round {rnd}: {len(valid)} of {len(messages)} sites replied, fewer than "
+                f"aggregation.min_train_nodes={min_replies} (left out: {', '.join(left_out)}; "
+                "see metrics.jsonl)")
+        if aggregated is not None:
+            arrays = aggregated
+        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(node_config)), grid))
+        replies, missing = _exchange(grid, messages, timeout)
+        recorder.record_replies(rnd, "evaluate", replies, missing, timeout)
+        evaluate_global(rnd, arrays)
+        checkpoint(rnd, arrays)
+
+    save_model(run_dir, arrays.to_torch_state_dict())
+    steps = int(cfg.get("personalize_steps", 0))
+    if steps > 0:
+        personalize(grid, recorder, node_ids, arrays, {**node_config, "personalize-steps": steps,
+                                                       "server-round": int(cfg["rounds"])}, timeout)
     last = max(completed)
     return FederationResult(rounds_completed=last, final_metrics=completed[last])
+
+
+def personalize(
+    grid: Grid,
+    recorder: RoundRecorder,
+    node_ids: list[int],
+    arrays: ArrayRecord,
+    config: dict[str, Any],
+    timeout: float,
+) -> None:
+    """Every node fine-tunes the final global model on its own data and reports both models on
+    its clean held-out split (metrics.jsonl phase `personalize`, after the last round)."""
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=nid,
+                message_type="evaluate.personalize")
+        for nid in node_ids
+    ]
+    replies, missing = _exchange(grid, messages, timeout)
+    recorder.record_replies(int(config["server-round"]), "personalize", replies, missing, timeout)

@@ -1,8 +1,8 @@
 """Record what every node and the server report, round by round, into metrics.jsonl.
 
-`RecordingStrategy` wraps any Flower strategy (FedAvg today, the rest of the FedAvg family
-tomorrow) the way Flower's own DP wrappers do: it delegates every phase and logs the per-node
-replies it sees before they are aggregated away.
+The round loop (snowfed.server.app) hands every reply to the recorder before the strategy's
+aggregate has moved on, so per-node numbers (losses, local scores, quality estimates, errors,
+timeouts) are never aggregated away.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import Message
 
 from snowfed.rundir import append_jsonl
 
@@ -31,65 +29,49 @@ class RoundRecorder:
         self.metrics_path = metrics_path
         self.node_names = node_names
         self.on_round = on_round
-        self._names_by_node_id: dict[int, str] = {}
+        self.names_by_node_id: dict[int, str] = {}
         self._node_f1: dict[str, float] = {}
 
-    def record_replies(self, rnd: int, phase: str, replies: Iterable[Message]) -> None:
+    def name_of(self, node_id: int) -> str:
+        return self.names_by_node_id.get(node_id, f"node-id-{node_id}")
+
+    def record_replies(
+        self,
+        rnd: int,
+        phase: str,
+        replies: Iterable[Message],
+        missing: Iterable[int] = (),
+        timeout_s: float | None = None,
+    ) -> None:
+        """Each reply as a node record; an error reply and each node in `missing` (no reply
+        within the round's timeout) as a record with an `error` field."""
         records = []
         for msg in replies:
             src = msg.metadata.src_node_id
             if msg.has_error():
-                name = self._names_by_node_id.get(src, f"node-id-{src}")
-                records.append(
-                    {"round": rnd, "scope": "node", "node": name, "phase": phase,
-                     "error": msg.error.reason}
-                )
+                records.append({"round": rnd, "scope": "node", "node": self.name_of(src),
+                                "phase": phase, "error": msg.error.reason})
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             name = self.node_names[int(metrics.pop(NODE_KEY))]
-            self._names_by_node_id[src] = name
+            self.names_by_node_id[src] = name
             if phase == "evaluate" and "f1" in metrics:
                 self._node_f1[name] = float(metrics["f1"])
             records.append({"round": rnd, "scope": "node", "node": name, "phase": phase, **metrics})
+        for node_id in missing:
+            records.append({"round": rnd, "scope": "node", "node": self.name_of(node_id),
+                            "phase": phase, "error": f"no reply within round_timeout_s={timeout_s}"})
         records.sort(key=lambda r: r["node"])
+        append_jsonl(self.metrics_path, records)
+
+    def append(self, records: list[dict]) -> None:
+        """Node records made outside Flower (the in-process reference runs)."""
+        for r in records:
+            if r.get("phase") == "evaluate" and "f1" in r:
+                self._node_f1[r["node"]] = float(r["f1"])
         append_jsonl(self.metrics_path, records)
 
     def record_global(self, rnd: int, metrics: dict) -> None:
         append_jsonl(self.metrics_path, [{"round": rnd, "scope": "global", **metrics}])
         if self.on_round is not None:
             self.on_round(rnd, metrics, dict(sorted(self._node_f1.items())))
-
-
-class RecordingStrategy(Strategy):
-    """Delegates to `inner`, recording each node's train and evaluate replies."""
-
-    def __init__(self, inner: Strategy, recorder: RoundRecorder):
-        self.inner = inner
-        self.recorder = recorder
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self.recorder.record_replies(server_round, "train", replies)
-        return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
-        self.recorder.record_replies(server_round, "evaluate", replies)
-        return self.inner.aggregate_evaluate(server_round, replies)

@@ -13,6 +13,7 @@ import numpy as np
 from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
 from snowfed.data.synthetic import Appearance, generate
 from snowfed.models import MODELS, build_model
+from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
 from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
 from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
@@ -32,6 +33,7 @@ class Hospital:
     noise: SnowNoise
     strategy: StrategySpec
     clean_fraction: float = 0.0  # share of the training images whose labels stay clean (verified)
+    failure: dict[str, Any] | None = None  # simulated crash/stall: {rounds, mode, stall_s}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class FederationPlan:
     test_images_per_site: int
     seed: int
     hospitals: list[Hospital]
+    server_val_per_site: int = 0  # clean images the server holds per site appearance (quality)
 
 
 def _noise(spec: Any, key: str) -> tuple[str, SnowNoise]:
@@ -87,6 +90,29 @@ def _appearance(spec: Any, key: str) -> Appearance:
         if field in spec:
             require_number(spec[field], f"{key}.{field}", low=0.0)
     return Appearance(**spec)
+
+
+FAILURE_MODES = ("raise", "stall")
+
+
+def _failure(spec: Any, key: str) -> dict[str, Any] | None:
+    """A hospital's simulated failure: {rounds: [..], mode: raise|stall, stall_s: seconds}."""
+    if spec is None:
+        return None
+    require(isinstance(spec, Mapping), key, spec, "a mapping {rounds: [...], mode: raise|stall}")
+    for field in spec:
+        require(field in ("rounds", "mode", "stall_s"), f"{key}.{field}", spec[field],
+                "one of rounds, mode, stall_s")
+    listed = spec.get("rounds")
+    require(isinstance(listed, (list, tuple)) and len(listed) > 0, f"{key}.rounds", listed,
+            "a non-empty list of round numbers")
+    for r in listed:
+        require_int(r, f"{key}.rounds", 1)
+    mode = spec.get("mode", "raise")
+    require(mode in FAILURE_MODES, f"{key}.mode", mode, f"one of {', '.join(FAILURE_MODES)}")
+    stall_s = require_number(spec.get("stall_s", 0.0), f"{key}.stall_s", low=0.0)
+    require(mode != "stall" or stall_s > 0, f"{key}.stall_s", stall_s, "> 0 with mode stall")
+    return {"rounds": [int(r) for r in listed], "mode": mode, "stall_s": stall_s}
 
 
 def _num_verified(h: Hospital, val_fraction: float) -> int:
@@ -164,6 +190,7 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
                 strategy=_check_against_model(strategy, model, cfg, strategy_key),
                 clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction",
                                               0.0, 1.0),
+                failure=_failure(h.get("failure"), f"{key}.failure"),
             )
         )
     val_fraction = require_number(fed.get("val_fraction"), "federation.val_fraction", 0.0, 0.9)
@@ -181,6 +208,8 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
         ),
         seed=require_int(cfg.get("seed"), "seed", 0),
         hospitals=hospitals,
+        server_val_per_site=int(validate_aggregation(cfg["aggregation"], len(hospitals))
+                                .get(SERVER_VAL_KEY, 0)),
     )
 
 
@@ -188,7 +217,7 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
     """Generate each hospital's images (its appearance), split them (global clean test, the
     node's clean held-out split, its training set), degrade the training labels with the
     hospital's noise, measure what the noise did, and write one store for the whole run."""
-    images, clean, noisy, nodes, test = [], [], [], [], []
+    images, clean, noisy, nodes, test, server_val = [], [], [], [], [], []
     offset = 0
     for i, h in enumerate(plan.hospitals):
         n_test = plan.test_images_per_site
@@ -223,9 +252,19 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
                 "label_noise": stats,
                 "appearance": asdict(h.appearance),
                 "strategy": asdict(h.strategy),
+                **({"failure": h.failure} if h.failure else {}),
             }
         )
         offset += total
+        if plan.server_val_per_site:
+            # the server's clean images in this site's appearance, from a seed of their own
+            k = plan.server_val_per_site
+            imgs, inst = generate(k, plan.image_size, seed=plan.seed * 7919 + 500_009 + i,
+                                  appearance=h.appearance)
+            images.append(imgs), clean.append((inst > 0).astype(np.uint8))
+            noisy.append((inst > 0).astype(np.uint8))
+            server_val.extend(range(offset, offset + k))
+            offset += k
     manifest = {
         "federation": plan.name,
         "seed": plan.seed,
@@ -233,6 +272,7 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
         "num_classes": int(cfg["task"]["num_classes"]),
         "model": dict(cfg["model"]),
         "test": test,
+        "server_val": server_val,
         "nodes": nodes,
     }
     arrays = {"images": np.concatenate(images), "clean": np.concatenate(clean),

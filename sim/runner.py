@@ -1,5 +1,9 @@
 """One simulation: validate, build the federation, run Flower's simulation engine (Ray backend),
-leave the run directory behind (config.yaml, metrics.jsonl, summary.json, plots)."""
+leave the run directory behind (config.yaml, metrics.jsonl, checkpoint.pt, summary.json, plots).
+
+`resume` continues a stopped run from its last checkpoint in the same directory. The reference
+aggregations (`pooled`, `local`) are not federated and run in this process (sim.reference).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from snowfed.config import ConfigError, require, require_number
+from snowfed.config import ConfigError, require, require_int, require_number
 from snowfed.plots import plot_f1_per_round
 from snowfed.progress import RoundProgress
 from snowfed.rundir import (
@@ -22,9 +26,12 @@ from snowfed.rundir import (
     atomic_write_json,
     atomic_write_text,
     build_summary,
+    load_checkpoint,
     read_jsonl,
 )
-from snowfed.server.aggregation import AGGREGATIONS
+from snowfed.server.aggregation import REFERENCES
+from snowfed.server.quality import quality_report
+from snowfed.store import FederationStore
 
 from .federation import build_store, node_facts, resolve_federation
 
@@ -50,12 +57,19 @@ def backend_config(backend: Mapping[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: Mapping[str, Any]):
     """Every check that can fail, before any data is generated or Ray starts."""
-    plan = resolve_federation(cfg)
+    plan = resolve_federation(cfg)  # the aggregation's keys and site counts included
     backend_config(cfg["backend"])
-    require(cfg["aggregation"].get("name") in AGGREGATIONS, "aggregation.name",
-            cfg["aggregation"].get("name"), f"one of {', '.join(AGGREGATIONS)}")
     require(cfg["privacy"].get("name") == "none", "privacy.name", cfg["privacy"].get("name"),
             "none (differential privacy and secure aggregation are not built yet)")
+    aggregation = cfg["aggregation"]["name"]
+    steps = require_int(cfg.get("personalize_steps", 0), "personalize_steps", 0)
+    require(not (steps and aggregation == "local"), "personalize_steps", steps,
+            "0 with aggregation=local (each site's model is already its own)")
+    if aggregation == "pooled":
+        for i, h in enumerate(plan.hospitals):
+            require(h.strategy == plan.hospitals[0].strategy, f"federation.hospitals[{i}].strategy",
+                    h.strategy.name, f"the strategy of every other site ({plan.hospitals[0].strategy.name}"
+                    "): aggregation=pooled trains one model with one strategy")
     return plan
 
 
@@ -76,6 +90,15 @@ def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | 
     records = read_jsonl(run_dir / METRICS)
     facts = node_facts(store)
     summary = build_summary(records, facts, status, wall_time_s, reason)
+    quality = quality_report(records, facts)
+    if quality is not None:
+        summary["quality"] = quality
+    personalized = [n["personalized"] for n in summary["nodes"].values() if "personalized" in n]
+    if personalized:
+        summary["personalization"] = {
+            k: sum(p[f"{k}-f1"] for p in personalized) / len(personalized)
+            for k in ("global", "personalized")
+        }
     atomic_write_json(run_dir / SUMMARY, summary)
     plot_f1_per_round(records, run_dir / F1_PLOT, {n: f["noise_profile"] for n, f in facts.items()})
     return summary
@@ -91,6 +114,8 @@ class _DropRunSimulationDeprecation(logging.Filter):
 def _quiet_flower(verbose: bool) -> None:
     """Flower logs every round at INFO; snowfed prints its own progress instead."""
     logger = logging.getLogger("flwr")
+    # Flower's simulation imports alembic, whose plugin registry logs a line per plugin at INFO
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if not verbose:
         logger.setLevel(logging.WARNING)
         if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
@@ -98,41 +123,64 @@ def _quiet_flower(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
-def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """Run one simulation to its end; returns the summary (also written to summary.json)."""
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
+# What `snowfed run resume=DIR` may change in the run's stored config.
+RESUME_OVERRIDES = ("rounds", "verbose", "personalize_steps")
 
-    from snowfed.client.app import app as client_app
-    from snowfed.server.app import run_federation
+
+def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Continue the run in `run_dir` from its last checkpoint, with its own config.yaml (only
+    RESUME_OVERRIDES may change, e.g. more rounds); returns the new summary."""
+    run_dir = Path(run_dir)
+    overrides = dict(overrides or {})
+    for key in overrides:
+        require(key in RESUME_OVERRIDES, key, overrides[key],
+                f"left out when resuming (the run's own {run_dir / CONFIG} holds it); a resumed run "
+                f"may change only {', '.join(RESUME_OVERRIDES)}")
+    require((run_dir / CONFIG).is_file(), "resume", str(run_dir), "a run directory (with config.yaml)")
+    saved = load_checkpoint(run_dir)
+    require(saved is not None, "resume", str(run_dir),
+            "a run directory with a checkpoint.pt (this run stopped before its first round was "
+            "evaluated: start it again instead)")
+    cfg = plain_config(OmegaConf.load(run_dir / CONFIG))
+    cfg.update(overrides)
+    validate(cfg)
+    require(saved["round"] < cfg["rounds"], "rounds", cfg["rounds"],
+            f"more than the {saved['round']} rounds this run has completed already")
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    return run(cfg, run_dir, resuming=True)
+
+
+def run(
+    cfg: DictConfig | Mapping[str, Any], run_dir: str | Path, resuming: bool = False
+) -> dict[str, Any]:
+    """Run one simulation to its end; returns the summary (also written to summary.json).
+    `resuming`: the run directory holds this run's store and checkpoint (see `resume`)."""
+    from snowfed.server.app import FederationStopped
 
     cfg = plain_config(cfg)
     run_dir = Path(run_dir)
-    plan, store = prepare(cfg, run_dir)
+    if resuming:
+        plan, store = validate(cfg), FederationStore(run_dir / STORE_DIR)
+    else:
+        plan, store = prepare(cfg, run_dir)
     _quiet_flower(verbose=bool(cfg.get("verbose", False)))
     progress = RoundProgress(cfg["rounds"])
-    outcome: dict[str, Any] = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context) -> None:
-        outcome["result"] = run_federation(grid, cfg, store, run_dir, progress.update)
-
+    earlier = _earlier_wall_time(run_dir) if resuming else 0.0
     start = time.monotonic()
     status, reason = "failed", None
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(plan.hospitals),
-            backend_config=backend_config(cfg["backend"]),
-            verbose_logging=bool(cfg.get("verbose", False)),
-        )
-        result = outcome.get("result")
+        if cfg["aggregation"]["name"] in REFERENCES:
+            from .reference import run_reference
+
+            result = run_reference(cfg, store, run_dir, progress.update)
+        else:
+            result = _simulate(cfg, plan, store, run_dir, progress)
         if result is not None and result.rounds_completed == cfg["rounds"]:
             status = "completed"
         else:
             reason = "the server stopped before the last round"
+    except FederationStopped as stop:
+        reason = str(stop)
     except KeyboardInterrupt:
         status, reason = "interrupted", "interrupted by the user"
         raise
@@ -140,5 +188,44 @@ def run(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, A
         reason = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        summary = finish(run_dir, store, status, time.monotonic() - start, reason)
+        summary = finish(run_dir, store, status, earlier + time.monotonic() - start, reason)
     return summary
+
+
+def _earlier_wall_time(run_dir: Path) -> float:
+    import json
+
+    try:
+        return float(json.loads((run_dir / SUMMARY).read_text())["wall_time_s"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, progress: RoundProgress):
+    """The federation under Flower's simulation engine (Ray backend); the server's result."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from snowfed.client.app import app as client_app
+    from snowfed.server.app import run_federation
+
+    outcome: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        try:
+            outcome["result"] = run_federation(grid, cfg, store, run_dir, progress.update)
+        except Exception as exc:  # Flower only logs a ServerApp's exception; raise it here
+            outcome["error"] = exc
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(plan.hospitals),
+        backend_config=backend_config(cfg["backend"]),
+        verbose_logging=bool(cfg.get("verbose", False)),
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")

@@ -2,6 +2,7 @@
 
     snowfed run [HYDRA OVERRIDES]      one simulation (e.g. federation=smoke rounds=2)
     snowfed run -m [SWEEP OVERRIDES]   a Hydra multirun sweep (e.g. seed=0,1,2)
+    snowfed run resume=DIR [rounds=N]  continue a stopped run from its last checkpoint
     snowfed report DIR... [FLAGS]      a table of finished runs (e.g. strategy x noise preset)
 
 The CLI sits on top of the stack, so its command handlers import `snowfed.sim` lazily: the core
@@ -23,6 +24,9 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
              federation=smoke rounds=2 strategy.lr=0.0005 noise=noisy backend=gpu
   run -m     a sweep over comma-separated values (Hydra multirun), e.g. seed=0,1,2; run again,
              the same command runs only the jobs that have not completed
+  run resume=DIR [rounds=N]
+             continue the run in DIR from its last completed round (its own config; only
+             rounds, verbose and personalize_steps may change)
   report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
              final global metric over the completed runs under DIR, grouped by two config keys
              (defaults strategy.name x noise.name, f1); writes report.md and report.csv
@@ -31,6 +35,7 @@ Config groups: task dataset model federation noise strategy aggregation privacy 
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
 """
 
+EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
 
@@ -89,6 +94,8 @@ def run_command(args: list[str]) -> int:
 
     overrides = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
     multirun = any(a in ("-m", "--multirun") for a in args)
+    if any(o.startswith("resume=") for o in overrides) and not multirun:
+        return resume_command(overrides)
     try:
         check_group_overrides(overrides)
         if not multirun:
@@ -97,47 +104,91 @@ def run_command(args: list[str]) -> int:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     sys.argv = ["snowfed-run", *args]
-    try:
-        _hydra_run()
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    except KeyboardInterrupt:
-        print("snowfed: interrupted; the run directory holds everything up to the last round",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # The summary is already on disk. Ray's and gRPC's threads, interrupted mid-flight, can
-        # crash the interpreter's normal teardown (seen: a segfault), so leave without it.
-        os._exit(EXIT_INTERRUPTED)
+    with _interrupt_exits():
+        try:
+            _hydra_run()
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
     return 0
+
+
+def resume_command(overrides: list[str]) -> int:
+    import yaml
+
+    from snowfed.sim.runner import resume
+
+    values = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+    run_dir = Path(str(values.pop("resume")))
+    with _interrupt_exits():
+        try:
+            summary = resume(run_dir, values)
+        except ConfigError as err:
+            print(f"snowfed: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+    _print_outcome(summary, run_dir)
+    return 0 if summary["status"] == "completed" else EXIT_FAILED
+
+
+class _interrupt_exits:
+    """Ctrl-C: say where the results are and leave. The summary is already on disk; Ray's and
+    gRPC's threads, interrupted mid-flight, can crash the interpreter's normal teardown (seen:
+    a segfault), so leave without it."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is KeyboardInterrupt:
+            print("snowfed: interrupted; the run directory holds everything up to the last round "
+                  "(continue it with `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
+        return False
+
+
+def _print_outcome(summary: dict, run_dir: Path) -> None:
+    line = (f"{summary['status']}: {summary['rounds']} rounds, global f1 "
+            f"{summary['global'].get('f1', float('nan')):.3f}, run directory {run_dir}")
+    if summary.get("reason"):
+        line += f"\n  reason: {summary['reason']}"
+    print(line)
 
 
 def _job(cfg) -> None:
     """One Hydra job: the run directory is Hydra's output directory (`run_dir`).
 
-    In a sweep, a job whose directory already holds a completed run is skipped, and one that
-    holds an unfinished run is moved aside (kept, never deleted) and run again: a sweep stopped
-    half-way and started again with the same command runs only what is missing.
+    In a sweep, a job whose directory already holds a completed run is skipped, an unfinished
+    run with a checkpoint is resumed from it, and one without (stopped before round 0 was
+    evaluated) is moved aside (kept, never deleted) and run again: a sweep stopped half-way and
+    started again with the same command runs only what is missing.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from snowfed.rundir import SUMMARY, read_summary_status
-    from snowfed.sim.runner import run
+    from snowfed.rundir import CHECKPOINT, SUMMARY, read_summary_status
+    from snowfed.sim.runner import resume, run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
         status = read_summary_status(run_dir)
         if status == "completed":
             print(f"done already: {run_dir} (skipped)")
+            return
+        if (run_dir / CHECKPOINT).exists():
+            print(f"unfinished run: {run_dir}; resuming it from its checkpoint")
+            summary = resume(run_dir)
+            _print_outcome(summary, run_dir)
             return
         if status is not None or (run_dir / SUMMARY).exists() or any(run_dir.glob("*.jsonl")):
             aside = run_dir.with_name(f"{run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir.rename(aside)
             print(f"unfinished run moved to {aside}; running it again")
     summary = run(cfg, run_dir)
-    print(f"{summary['status']}: {summary['rounds']} rounds, global f1 "
-          f"{summary['global'].get('f1', float('nan')):.3f}, run directory {run_dir}")
+    _print_outcome(summary, run_dir)
+    if summary["status"] != "completed" and not multirun:
+        sys.exit(EXIT_FAILED)
 
 
 def _hydra_run() -> None:

@@ -18,8 +18,9 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINAL_MODEL = "model_final.pt"
+CHECKPOINT = "checkpoint.pt"  # the state after the last completed round (what `resume` reads)
 STATUSES = ("completed", "failed", "interrupted")
-FINAL_KEYS = {"evaluate": "final", "train": "final_train"}
+FINAL_KEYS = {"evaluate": "final", "train": "final_train", "personalize": "personalized"}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -68,6 +69,39 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def keep_rounds_upto(path: str | Path, last_round: int) -> int:
+    """Rewrite a metrics log (atomically) without the records of rounds after `last_round`: a
+    run resumed from round k's checkpoint redoes round k+1, so what a killed run wrote of it
+    goes. Returns how many records were dropped."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("round", 0) <= last_round]
+    if len(kept) != len(records) or Path(path).exists():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)
+
+
+def save_checkpoint(run_dir: str | Path, rnd: int, state: dict[str, Any]) -> None:
+    """The state after round `rnd` (models, server strategy, random streams), atomically."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"round": rnd, **state}, buffer)
+    atomic_write_bytes(Path(run_dir) / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The last checkpoint of a run directory (a dict with "round"), or None if it has none."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    # snowfed's own file, holding pickled strategy state (not only tensors)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def build_summary(
     records: list[dict[str, Any]],
     nodes: dict[str, dict[str, Any]],
@@ -80,7 +114,9 @@ def build_summary(
 
     `nodes` maps node name -> static facts (noise_profile, strategy, num_train, label_noise...);
     each node's last reports are added: "final" (the global model on the node's clean held-out
-    split) and "final_train" (its local training: losses, local-f1 of the locally trained model).
+    split), "final_train" (its local training: losses, local-f1 of the locally trained model)
+    and, with personalisation, "personalized" (global vs fine-tuned model on that split).
+    Records with an `error` (a failed or late site) are counted per node as "failures".
     """
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
@@ -92,7 +128,13 @@ def build_summary(
     history.sort(key=lambda r: r["round"])
     node_summary = {name: dict(facts) for name, facts in nodes.items()}
     for r in records:  # records are in round order: the last one of each phase wins
-        if r.get("scope") == "node" and r["node"] in node_summary and "error" not in r:
+        if r.get("scope") != "node" or r["node"] not in node_summary:
+            continue
+        if "error" in r:
+            node = node_summary[r["node"]]
+            node["failures"] = node.get("failures", 0) + 1
+            node["last_failure"] = {"round": r["round"], "phase": r["phase"], "error": r["error"]}
+        else:
             key = FINAL_KEYS[r.get("phase")]
             node_summary[r["node"]][key] = {
                 k: v for k, v in r.items() if k not in ("scope", "node", "phase")

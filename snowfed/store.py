@@ -7,7 +7,8 @@ indices into it, never copies. Layout of the folder:
 - images.npy  uint8 (N, H, W, 3)   every image of every hospital, global test images included
 - clean.npy   uint8 (N, H, W)      clean binary masks (evaluation only)
 - noisy.npy   uint8 (N, H, W)      the labels nodes train on (each hospital's noise applied)
-- manifest.json                    nodes (name, indices, strategy, noise), test indices, model
+- manifest.json                    nodes (name, indices, strategy, noise), test indices,
+                                   server_val indices (the quality aggregation's clean set), model
 """
 
 from __future__ import annotations
@@ -99,4 +100,11 @@ class FederationStore:
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         """The clean global test set (images, masks) drawn from every site."""
         idx = np.asarray(self.manifest["test"])
+        return self.arrays["images"][idx], self.arrays["clean"][idx]
+
+    def server_val_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """The server's own small clean validation set (images, masks), apart from the test set."""
+        idx = np.asarray(self.manifest.get("server_val", []), dtype=int)
+        if not len(idx):
+            raise ValueError(f"the store {self.path} holds no server validation images")
         return self.arrays["images"][idx], self.arrays["clean"][idx]
