@@ -4,8 +4,8 @@ validation set the server holds.
 None of Flower's strategies looks at label quality: FedAvg weighs a site by its number of
 examples, so one big hospital with missing annotations pulls the global model towards
 "background" however clean the small sites are. Here the server scores every update on its own
-clean images (the mean pixel cross-entropy of the updated model, `LossProbe`), turns the scores
-into qualities relative to the best update of the round,
+clean images (the class-balanced pixel cross-entropy of the updated model, `LossProbe`), turns
+the scores into qualities relative to the best update of the round,
 
     quality_i = exp(-(loss_i - min_j loss_j) / temperature)     (1 for the round's best site)
 
@@ -32,7 +32,11 @@ QUALITY_WEIGHT = "quality-weight"  # the key FedAvg's weighted mean reads (num-e
 
 
 class LossProbe:
-    """Mean pixel cross-entropy of a model's weights on a fixed clean image set."""
+    """Class-balanced pixel cross-entropy of a model's weights on a fixed clean image set: the
+    mean over classes of each class's mean pixel loss. Plain cross-entropy is dominated by the
+    background, so it would rank an update that has learnt "everything is background" (missing
+    annotations) above one that finds the objects; balanced, a missed object costs as much as
+    a false one (bounding boxes)."""
 
     def __init__(
         self,
@@ -49,11 +53,12 @@ class LossProbe:
     def __call__(self, arrays: ArrayRecord) -> float:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.model.eval()
-        losses = [
-            F.cross_entropy(self.model(self.x[i : i + 16]), self.y[i : i + 16], reduction="sum")
+        pixel_loss = torch.cat([
+            F.cross_entropy(self.model(self.x[i : i + 16]), self.y[i : i + 16], reduction="none")
             for i in range(0, len(self.x), 16)
-        ]
-        return float(torch.stack(losses).sum() / self.y.numel())
+        ])
+        per_class = [pixel_loss[self.y == c].mean() for c in self.y.unique()]
+        return float(torch.stack(per_class).mean())
 
 
 class QualityAwareFedAvg(FedAvg):

@@ -1,0 +1,136 @@
+"""Checkpoint/resume, failing and late sites, every aggregation end to end (slow: each starts
+Flower's simulation engine with Ray, or runs the in-process reference)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from snowfed.config import compose
+from snowfed.rundir import read_jsonl
+from snowfed.server.aggregation import AGGREGATIONS
+from snowfed.sim.runner import plain_config, resume, run
+
+pytestmark = pytest.mark.slow
+
+
+def _smoke(*overrides: str) -> dict:
+    return plain_config(compose(["federation=smoke", *overrides]))
+
+
+def _history(run_dir):
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    keys = Counter((r["round"], r["scope"], r.get("node"), r.get("phase")) for r in records)
+    assert max(keys.values()) == 1, "a record was written twice"
+    return {(r["round"], r["scope"], r.get("node"), r.get("phase")): r for r in records}
+
+
+def test_a_killed_run_resumed_ends_with_the_uninterrupted_history(tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=3",
+         f"run_dir={killed}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:  # kill -9 the whole process group once round 1 is on disk (mid-round 2)
+        deadline = time.monotonic() + 240
+        while not any(r.get("scope") == "global" and r["round"] == 1
+                      for r in read_jsonl(killed / "metrics.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _history(killed)
+    assert max(k[0] for k in before) < 3 and not (killed / "summary.json").exists()
+
+    summary = resume(killed)
+    reference = run(_smoke("rounds=3"), tmp_path / "uninterrupted")
+
+    assert summary["status"] == reference["status"] == "completed"
+    after, expected = _history(killed), _history(tmp_path / "uninterrupted")
+    assert after.keys() == expected.keys()
+    for key, record in expected.items():
+        for metric, value in record.items():
+            if isinstance(value, float):
+                assert after[key][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, metric)
+    for key in before:  # what the killed run had completed (round 1) is still there, unchanged
+        if key[0] <= 1:
+            assert after[key] == before[key]
+
+
+def test_a_failing_site_is_left_out_and_recorded_and_too_few_sites_stop_the_run(tmp_path):
+    cfg = _smoke("rounds=2")
+    cfg["federation"]["hospitals"][1]["failure"] = {"rounds": [2], "mode": "raise"}
+    summary = run(cfg, tmp_path / "tolerant")
+
+    assert summary["status"] == "completed"
+    records = read_jsonl(tmp_path / "tolerant" / "metrics.jsonl")
+    train2 = [r for r in records if r["round"] == 2 and r.get("phase") == "train"]
+    assert {r["node"]: "error" in r for r in train2} == {"alpha": False, "beta": True}
+    assert "simulated failure" in next(r for r in train2 if r["node"] == "beta")["error"]
+    assert summary["nodes"]["beta"]["failures"] == 1
+    assert summary["nodes"]["beta"]["last_failure"]["round"] == 2
+
+    strict = copy.deepcopy(cfg)
+    strict["aggregation"]["min_train_nodes"] = 2
+    summary = run(strict, tmp_path / "strict")
+    assert summary["status"] == "failed"
+    assert "round 2: 1 of 2 sites replied" in summary["reason"] and "beta" in summary["reason"]
+    assert summary["rounds"] == 1  # round 1 stays on disk
+    assert (tmp_path / "strict" / "checkpoint.pt").exists()
+
+
+def test_a_site_past_the_round_timeout_is_left_out_and_recorded(tmp_path):
+    cfg = _smoke("rounds=1")
+    cfg["aggregation"]["round_timeout_s"] = 3
+    cfg["federation"]["hospitals"][0]["failure"] = {"rounds": [1], "mode": "stall", "stall_s": 8}
+    summary = run(cfg, tmp_path / "late")
+
+    assert summary["status"] == "completed"
+    train = {r["node"]: r for r in read_jsonl(tmp_path / "late" / "metrics.jsonl")
+             if r.get("phase") == "train"}
+    assert "no reply within round_timeout_s=3" in train["alpha"]["error"]
+    assert "error" not in train["beta"]
+
+
+@pytest.mark.parametrize("name", AGGREGATIONS)
+def test_every_aggregation_runs_the_smoke_federation(name, tmp_path):
+    cfg = _smoke(f"aggregation={name}", "rounds=2")
+    if name == "bulyan":  # needs 3 sites per round: a third hospital
+        third = {**cfg["federation"]["hospitals"][0], "name": "gamma"}
+        cfg["federation"]["hospitals"].append(third)
+    summary = run(cfg, tmp_path / name)
+
+    assert summary["status"] == "completed" and summary["rounds"] == 2, summary.get("reason")
+    assert [h["round"] for h in summary["history"]] == [0, 1, 2]
+    if name == "local":
+        assert sorted(p.name for p in (tmp_path / name / "models_final").iterdir()) == [
+            "alpha.pt", "beta.pt"]
+    else:
+        assert (tmp_path / name / "model_final.pt").exists()
+    if name == "quality":
+        assert set(summary["quality"]["sites"]) == {"alpha", "beta"}
+    if name not in ("pooled", "local"):  # the global model moved
+        first, last = (np.array(list(h.values())) for h in (summary["history"][0], summary["history"][2]))
+        assert not np.array_equal(first, last)
+
+
+def test_personalisation_reports_global_and_fine_tuned_models_per_site(tmp_path):
+    summary = run(_smoke("rounds=1", "personalize_steps=3"), tmp_path / "p")
+    for name in ("alpha", "beta"):
+        p = summary["nodes"][name]["personalized"]
+        assert {"global-f1", "personalized-f1", "global-dice", "personalized-dice"} <= set(p)
+        assert p["global-tp"] + p["global-fn"] == p["personalized-tp"] + p["personalized-fn"]
+    assert set(summary["personalization"]) == {"global", "personalized"}
+    on_disk = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert on_disk["personalization"] == summary["personalization"]
