@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from snowfed.config import ConfigError, compose
-from snowfed.server.app import run_federation
+from snowfed.server.app import FederationStopped, run_federation
 
 from .runner import finish, plain_config, prepare
 
@@ -36,6 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = run_federation(grid, cfg, store, run_dir)
         status = "completed" if result.rounds_completed == cfg["rounds"] else "failed"
+    except FederationStopped as stop:  # too few sites replied: a result, not a crash
+        reason = str(stop)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         raise

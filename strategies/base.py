@@ -7,8 +7,9 @@ mapping, checked against the part's schema (unknown names, bad values) when the 
 built from its config mapping.
 
 A node's strategy keeps what must survive between rounds (its initial weights, a trained
-teacher) in a `memory` mapping the caller owns; the ClientApp stores it in Flower's per-node
-`Context.state`, so it follows the node to whichever Ray actor runs it.
+teacher) in a `memory` mapping the caller owns; the ClientApp writes it next to the node's data
+(`node-memory/` in the store), so it follows the node to whichever Ray actor runs it and
+survives a resumed run.
 """
 
 from __future__ import annotations

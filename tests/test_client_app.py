@@ -1,0 +1,67 @@
+"""The ClientApp's handlers called directly with Flower Messages (no Ray): a node's strategy
+memory lives on disk next to its data, so a node rebuilt in a fresh process (another Ray actor,
+a resumed run) still has its initial weights; FedProx's mu reaches the local loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from snowfed.client import app as client_app
+from snowfed.models import stage_keys
+from snowfed.server.app import build_global_model
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _train_message(store, state, rnd, **extra):
+    config = ConfigRecord({"store": str(store.path), "seed": 0, "server-round": rnd, **extra})
+    content = RecordDict({"arrays": ArrayRecord(state), "config": config})
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+def test_node_memory_survives_a_fresh_process(smoke_cfg, tmp_path):
+    from snowfed.sim.runner import prepare
+
+    smoke_cfg["strategy"]["freeze_stages"] = 2
+    smoke_cfg["strategy"]["local_steps"] = 2
+    _, store = prepare(smoke_cfg, tmp_path / "run")
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config={})
+    model = build_global_model(smoke_cfg["model"], 2, seed=0)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = stage_keys(model, 2)
+
+    client_app.train(_train_message(store, first, 1), context)
+    assert (store.path / "node-memory" / "1" / "init.pt").exists()
+    client_app._NODES.clear()  # a new actor or process: only the disk remembers
+    other = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in first.items()}
+    reply = client_app.train(_train_message(store, other, 2), context)
+
+    after = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(after[k], first[k]) for k in frozen)  # pinned to round 1's weights
+    assert any(not torch.equal(after[k], other[k]) for k in after if k not in frozen)
+
+
+def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
+    from snowfed.sim.runner import prepare
+
+    smoke_cfg["strategy"]["local_steps"] = 3
+    _, store = prepare(smoke_cfg, tmp_path / "run")
+    state = build_global_model(smoke_cfg["model"], 2, seed=0).state_dict()
+
+    def reply(**extra):
+        client_app._NODES.clear()
+        context = Context(run_id=1, node_id=0, node_config={"partition-id": 0},
+                          state=RecordDict(), run_config={})
+        msg = client_app.train(_train_message(store, state, 1, **extra), context)
+        return msg.content["arrays"].to_torch_state_dict()
+
+    plain, again, prox = reply(), reply(**{"proximal-mu": 0.0}), reply(**{"proximal-mu": 100.0})
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    assert any(not torch.equal(plain[k], prox[k]) for k in plain)
