@@ -30,11 +30,13 @@ from snowfed.rundir import atomic_write_bytes
 from snowfed.store import FederationStore, NodeData
 from snowfed.strategies import LocalStrategy, StrategySpec
 
+from .privacy import DPSettings, PrivacyLedger, epsilon, resolve_dp
 from .trainer import PERSONALIZE_SALT, node_generator, personalize_locally, train_locally
 
 app = ClientApp()
 PARTITION_KEY = "partition-id"  # every reply names the node's partition among its metrics
 MEMORY_DIR = "node-memory"
+PRIVACY_LEDGER = "privacy.json"  # the node's DP-SGD step count, beside its memory
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Node:
     device: torch.device
     memory_dir: Path
     failure: dict[str, Any] | None
+    dp: DPSettings | None = None  # DP-SGD settings when the federation runs privacy=dp_sgd
     memory: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,7 +80,13 @@ def _node(msg: Message, context: Context) -> _Node:
             StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
         )
         memory_dir = store.path / MEMORY_DIR / str(partition_id)
-        node = _Node(partition_id, data, strategy, model, device, memory_dir, entry.get("failure"))
+        privacy = store.manifest.get("privacy", {"name": "none"})
+        dp = None
+        if privacy["name"] == "dp_sgd":
+            spec = strategy.spec
+            dp = resolve_dp(privacy, strategy.sampler.num_images, spec.batch_size,
+                            int(store.manifest["rounds"]) * spec.local_steps)
+        node = _Node(partition_id, data, strategy, model, device, memory_dir, entry.get("failure"), dp)
         for file in sorted(memory_dir.glob("*.pt")):
             node.memory[file.stem] = torch.load(file, map_location="cpu", weights_only=True)
         _NODES[key] = node
@@ -128,9 +137,14 @@ def train(msg: Message, context: Context) -> Message:
     _load_global(node, msg)
     stats = train_locally(
         node.model, node.strategy, _generator(config, node), node.device, node.memory,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), dp=node.dp,
     )
     _save_memory(node)
+    privacy = {}
+    if node.dp is not None:
+        total = PrivacyLedger(node.memory_dir / PRIVACY_LEDGER).add(stats.steps, node.dp)
+        privacy = {"epsilon": epsilon(node.dp, total), "dp-steps": total, "delta": node.dp.delta,
+                   "noise-multiplier": node.dp.noise_multiplier, "sample-rate": node.dp.sample_rate}
     # The locally trained model on the node's clean held-out split: what this node's labels and
     # strategy alone made of the global model this round (the global model's score on the same
     # split comes from the evaluate phase).
@@ -145,6 +159,7 @@ def train(msg: Message, context: Context) -> Message:
             "local-recall": local["recall"],
             "pseudo-labelled": stats.pseudo_labelled,
             PARTITION_KEY: node.partition_id,
+            **privacy,
         }
     )
     arrays = ArrayRecord({k: v.cpu() for k, v in node.model.state_dict().items()})

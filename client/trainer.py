@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 
 from snowfed.evaluation import evaluate_segmentation
 from snowfed.strategies import LocalStrategy
+
+from .privacy import DPSettings, dp_sgd_steps
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,15 @@ def train_locally(
     memory: dict[str, Any] | None = None,
     proximal_mu: float = 0.0,
     steps: int | None = None,
+    dp: DPSettings | None = None,
 ) -> TrainStats:
     """Run the strategy's local steps on the node's own (noisy) labels. `memory` is what the
     node's strategy keeps between rounds (initial weights, teacher); the caller keeps it.
 
     `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_received||^2 to every step's loss (Flower's
     FedProx sends mu; the site must apply it). `steps` replaces the strategy's local_steps
-    (personalisation fine-tunes with its own budget)."""
+    (personalisation fine-tunes with its own budget). `dp`: the steps are DP-SGD (Opacus; see
+    snowfed.client.privacy) on Poisson samples of the node's images."""
     spec = strategy.spec
     received = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
@@ -43,8 +48,15 @@ def train_locally(
     anchors = [(p, received[n]) for n, p in model.named_parameters() if p.requires_grad and received]
     model.train()
     optimizer = strategy.optimizer(trainable)
+    steps = spec.local_steps if steps is None else steps
+    if dp is not None:
+        losses = dp_sgd_steps(
+            model, optimizer, trainable, strategy.sampler.num_images,
+            lambda m, idx: strategy.step_loss(m, generator, device, idx), dp, steps, generator,
+        )
+        return _stats(losses, strategy)
     losses = []
-    for _ in range(spec.local_steps if steps is None else steps):
+    for _ in range(steps):
         loss = strategy.step_loss(model, generator, device)
         if anchors:
             loss = loss + proximal_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in anchors)
@@ -52,9 +64,16 @@ def train_locally(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    tail = losses[-max(1, len(losses) // 4) :]
+    return _stats(losses, strategy)
+
+
+def _stats(losses: list[float], strategy: LocalStrategy) -> TrainStats:
+    """First step's loss and the mean of the last quarter (nan steps, DP-SGD's empty Poisson
+    samples, left out)."""
+    seen = [x for x in losses if not math.isnan(x)] or [float("nan")]
+    tail = seen[-max(1, len(seen) // 4) :]
     return TrainStats(
-        first_loss=losses[0],
+        first_loss=seen[0],
         last_loss=sum(tail) / len(tail),
         steps=len(losses),
         pseudo_labelled=strategy.teacher.filled_fraction,

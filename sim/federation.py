@@ -120,7 +120,7 @@ def _num_verified(h: Hospital, val_fraction: float) -> int:
     return int(round(h.clean_fraction * (h.num_images - n_val)))
 
 
-def _configured_model(cfg: Mapping[str, Any]):
+def configured_model(cfg: Mapping[str, Any]):
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name", None)
     require(name in MODELS, "model.name", name, f"one of {', '.join(MODELS)}")
@@ -166,7 +166,7 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
             "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
     global_noise = cfg.get("noise")
-    model = _configured_model(cfg)
+    model = configured_model(cfg)
     hospitals, names = [], set()
     for i, h in enumerate(hospitals_cfg):
         key = f"federation.hospitals[{i}]"
@@ -271,6 +271,8 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
         "image_size": plan.image_size,
         "num_classes": int(cfg["task"]["num_classes"]),
         "model": dict(cfg["model"]),
+        "rounds": int(cfg["rounds"]),
+        "privacy": dict(cfg["privacy"]),  # a site resolves its own DP-SGD settings from it
         "test": test,
         "server_val": server_val,
         "nodes": nodes,

@@ -59,8 +59,7 @@ def validate(cfg: Mapping[str, Any]):
     """Every check that can fail, before any data is generated or Ray starts."""
     plan = resolve_federation(cfg)  # the aggregation's keys and site counts included
     backend_config(cfg["backend"])
-    require(cfg["privacy"].get("name") == "none", "privacy.name", cfg["privacy"].get("name"),
-            "none (differential privacy and secure aggregation are not built yet)")
+    _validate_privacy(cfg, plan)
     aggregation = cfg["aggregation"]["name"]
     steps = require_int(cfg.get("personalize_steps", 0), "personalize_steps", 0)
     require(not (steps and aggregation == "local"), "personalize_steps", steps,
@@ -99,6 +98,11 @@ def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | 
             k: sum(p[f"{k}-f1"] for p in personalized) / len(personalized)
             for k in ("global", "personalized")
         }
+    spent = {name: {k: n["final_train"][k] for k in ("epsilon", "delta", "dp-steps", "noise-multiplier",
+                                                     "sample-rate")}
+             for name, n in summary["nodes"].items() if "epsilon" in n.get("final_train", {})}
+    if spent:
+        summary["privacy"] = spent
     atomic_write_json(run_dir / SUMMARY, summary)
     plot_f1_per_round(records, run_dir / F1_PLOT, {n: f["noise_profile"] for n, f in facts.items()})
     return summary
@@ -121,6 +125,51 @@ def _quiet_flower(verbose: bool) -> None:
         if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
             logger.addFilter(_DropRunSimulationDeprecation())
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+
+
+PRIVACY = ("none", "dp_sgd")
+DP_KEYS = ("name", "noise_multiplier", "target_epsilon", "delta", "max_grad_norm")
+
+
+def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
+    """`privacy.*` and what DP-SGD cannot be combined with (each named, before anything runs)."""
+    privacy = cfg["privacy"]
+    name = privacy.get("name")
+    require(name in PRIVACY, "privacy.name", name,
+            f"one of {', '.join(PRIVACY)} (central DP and secure aggregation are not built yet)")
+    if name == "none":
+        return
+    for key in privacy:
+        require(key in DP_KEYS, f"privacy.{key}", privacy[key], f"a key of dp_sgd ({', '.join(DP_KEYS)})")
+    if privacy.get("target_epsilon") is None:
+        require_number(privacy.get("noise_multiplier"), "privacy.noise_multiplier", low=0.0)
+        require(privacy["noise_multiplier"] > 0, "privacy.noise_multiplier",
+                privacy["noise_multiplier"], "> 0 (or set privacy.target_epsilon)")
+    else:
+        require_number(privacy["target_epsilon"], "privacy.target_epsilon", low=0.01)
+    delta = require_number(privacy.get("delta"), "privacy.delta", 0.0, 1.0)
+    require(0 < delta < 1, "privacy.delta", delta, "in (0, 1)")
+    require_number(privacy.get("max_grad_norm"), "privacy.max_grad_norm", low=1e-6)
+    aggregation = cfg["aggregation"]["name"]
+    require(aggregation not in ("fedprox", *REFERENCES), "aggregation.name", aggregation,
+            "not fedprox, pooled or local with privacy=dp_sgd (the proximal term escapes Opacus's "
+            "per-example clipping; the reference runs are not private)")
+    for i, h in enumerate(plan.hospitals):
+        key = f"federation.hospitals[{i}].strategy" if cfg["federation"]["hospitals"][i].get(
+            "strategy") is not None else "strategy"
+        require(h.strategy.init != "autoencoder", f"{key}.init", h.strategy.init,
+                "not autoencoder with privacy=dp_sgd (its pre-training on the site's images is "
+                "not private)")
+        require(h.strategy.teacher != "clean", f"{key}.teacher", h.strategy.teacher,
+                "not clean with privacy=dp_sgd (the teacher's training is not private)")
+    from opacus.validators import ModuleValidator
+
+    from .federation import configured_model
+
+    errors = ModuleValidator.validate(configured_model(cfg), strict=False)
+    require(not errors, "model", cfg["model"].get("name"),
+            f"Opacus-compatible for privacy=dp_sgd ({'; '.join(map(str, errors))}); "
+            "try model.norm=group")
 
 
 # What `snowfed run resume=DIR` may change in the run's stored config.

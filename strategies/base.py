@@ -180,20 +180,28 @@ class LocalStrategy:
         return trainable
 
     def step_loss(
-        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        model: torch.nn.Module,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of one training step: a batch, the teacher's pseudo-labels, the loss."""
-        x, y = self.batch(generator, device)
+        """The loss of one training step: a batch, the teacher's pseudo-labels, the loss.
+        `idx`: the sampler's images to take a tile from (DP-SGD's Poisson sample)."""
+        x, y = self.batch(generator, device, idx)
         y, teacher_logits = self.teacher.relabel(x, y)
         logits = model(x)
         return self.loss(logits, y) + self.teacher.extra_loss(logits, teacher_logits)
 
     def batch(
-        self, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch on `device`: sampled tiles, then the label transform and the
         augmentation there (after the transform, so a dilated mask is warped with its image)."""
-        x, y = self.sampler(self.spec.batch_size, self.spec.tile_size, generator)
+        x, y = self.sampler(self.spec.batch_size, self.spec.tile_size, generator, idx)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return self.augmentation(x, self.label_transform(y, generator), generator)
 

@@ -3,7 +3,9 @@
 A sampler is built once per node on its training arrays (plus its validated parameters) and
 called every step; it returns a batch as tensors (images float in [0, 1], NCHW; labels int64,
 NHW). All randomness goes through the torch.Generator it is called with, so a round is
-reproducible from the trainer's seed.
+reproducible from the trainer's seed. Called with `idx` (indices into its `num_images` images,
+e.g. a DP-SGD Poisson sample), it crops one tile from each of those images instead of drawing
+batch_size images.
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ class RandomTileSampler:
             raise ValueError("a node needs at least one training image")
         self.images, self.labels = _to_tensors(images, labels)
 
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
     def __call__(
-        self, batch_size: int, tile_size: int, generator: torch.Generator
+        self, batch_size: int, tile_size: int, generator: torch.Generator,
+        idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = self.images.shape
         tile_size = min(tile_size, h, w)
-        idx = torch.randint(n, (batch_size,), generator=generator)
+        if idx is None:
+            idx = torch.randint(n, (batch_size,), generator=generator)
+        batch_size = len(idx)
         ys = torch.randint(h - tile_size + 1, (batch_size,), generator=generator)
         xs = torch.randint(w - tile_size + 1, (batch_size,), generator=generator)
         return _crop(self.images, self.labels, idx, ys, xs, tile_size)
@@ -85,12 +94,19 @@ class PositiveTileSampler:
         self.image_objects = torch.from_numpy(counts)
         self.image_first_object = torch.from_numpy(np.cumsum(counts) - counts)
 
+    @property
+    def num_images(self) -> int:
+        return len(self.images)  # the annotated images only
+
     def __call__(
-        self, batch_size: int, tile_size: int, generator: torch.Generator
+        self, batch_size: int, tile_size: int, generator: torch.Generator,
+        idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = self.images.shape
         tile_size = min(tile_size, h, w)
-        idx = torch.randint(n, (batch_size,), generator=generator)
+        if idx is None:
+            idx = torch.randint(n, (batch_size,), generator=generator)
+        batch_size = len(idx)
         u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
 
         def pick(count: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
