@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from snowfed.evaluation import evaluate_segmentation
 from snowfed.models import build_model
@@ -129,7 +131,18 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
-@app.train()
+def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side clipping mod, when the server's central-DP wrapper asks for it (it
+    sends the clipping norm): adaptive or fixed as the federation's `privacy` says."""
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    privacy = FederationStore(str(config["store"])).manifest["privacy"]["name"]
+    mod = adaptiveclipping_mod if privacy == "central_dp_adaptive" else fixedclipping_mod
+    return mod(msg, context, call_next)
+
+
+@app.train(mods=[central_dp_clipping])
 def train(msg: Message, context: Context) -> Message:
     node = _node(msg, context)
     config = msg.content["config"]

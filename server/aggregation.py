@@ -112,6 +112,11 @@ def validate_aggregation(cfg: Mapping[str, Any], num_nodes: int) -> dict[str, An
     return out
 
 
+def sites_per_round(params: Mapping[str, Any], num_nodes: int) -> int:
+    """How many sites Flower samples for training each round (its sample_nodes rule)."""
+    return max(int(num_nodes * params["fraction_train"]), int(params["min_train_nodes"]))
+
+
 def _check_site_counts(name: str, params: dict[str, Any], num_nodes: int) -> None:
     """Flower waits forever for sites that do not exist and skips robust aggregation rules that
     lack replies; both become clear errors here, before anything runs."""
@@ -119,7 +124,7 @@ def _check_site_counts(name: str, params: dict[str, Any], num_nodes: int) -> Non
             params["min_train_nodes"], f"at most the number of sites ({num_nodes})")
     require(params["min_evaluate_nodes"] <= num_nodes, "aggregation.min_evaluate_nodes",
             params["min_evaluate_nodes"], f"at most the number of sites ({num_nodes})")
-    per_round = max(int(num_nodes * params["fraction_train"]), params["min_train_nodes"])
+    per_round = sites_per_round(params, num_nodes)
     f = params.get("num_malicious_nodes", 0)
     if name == "bulyan":
         require(per_round >= 4 * f + 3, "aggregation.name", name,

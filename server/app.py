@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -36,7 +37,8 @@ from snowfed.rundir import (
 )
 from snowfed.store import FederationStore
 
-from .aggregation import build_aggregation
+from .aggregation import build_aggregation, sites_per_round
+from .privacy import CENTRAL, central_epsilon, wrap_central_dp
 from .quality import LossProbe
 from .recording import NODE_KEY, RoundRecorder
 
@@ -113,12 +115,20 @@ def run_federation(
         probe = LossProbe(build_global_model(cfg["model"], cfg["task"]["num_classes"], 0).to(device),
                           *store.server_val_set(), device)
     strategy, timeout = build_aggregation(agg_cfg, len(node_names), probe)
+    privacy = cfg["privacy"]
+    per_round = sites_per_round(agg_cfg, len(node_names))
+    if privacy["name"] in CENTRAL:
+        strategy = wrap_central_dp(strategy, privacy, per_round)
     min_replies = int(agg_cfg["min_train_nodes"])
     completed: dict[int, dict[str, float]] = {}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate_segmentation(model, test_images, test_masks, device)
+        if privacy["name"] in CENTRAL:  # site-level epsilon spent by the rounds so far
+            metrics["epsilon"] = central_epsilon(privacy["noise_multiplier"],
+                                                 per_round / len(node_names), server_round,
+                                                 privacy["delta"])
         recorder.record_global(server_round, metrics)
         completed[server_round] = metrics
 
@@ -127,11 +137,14 @@ def run_federation(
             "arrays": arrays.to_torch_state_dict(),
             "strategy": strategy_state(strategy),
             "random": random.getstate(),  # Flower samples sites with Python's `random`
+            "numpy_random": np.random.get_state(),  # and draws central-DP noise with numpy's
             "metrics": completed[server_round],
         })
 
     saved = load_checkpoint(run_dir)
     if saved is None:
+        random.seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
         keep_rounds_upto(run_dir / METRICS, -1)
         arrays = ArrayRecord(model.state_dict())
         evaluate_global(0, arrays)
@@ -141,6 +154,7 @@ def run_federation(
         arrays = ArrayRecord(saved["arrays"])
         vars(strategy).update(saved["strategy"])
         random.setstate(saved["random"])
+        np.random.set_state(saved["numpy_random"])
         completed[saved["round"]] = saved["metrics"]
 
     node_ids = identify_nodes(grid, recorder, str(store.path.resolve()))

@@ -29,7 +29,9 @@ from snowfed.rundir import (
     load_checkpoint,
     read_jsonl,
 )
-from snowfed.server.aggregation import REFERENCES
+from snowfed.server.aggregation import REFERENCES, sites_per_round
+from snowfed.server.privacy import CENTRAL
+from snowfed.server.privacy import PARAMS as CENTRAL_PARAMS
 from snowfed.server.quality import quality_report
 from snowfed.store import FederationStore
 
@@ -127,7 +129,7 @@ def _quiet_flower(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
-PRIVACY = ("none", "dp_sgd")
+PRIVACY = ("none", "dp_sgd", *CENTRAL)
 DP_KEYS = ("name", "noise_multiplier", "target_epsilon", "delta", "max_grad_norm")
 
 
@@ -136,8 +138,11 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
     privacy = cfg["privacy"]
     name = privacy.get("name")
     require(name in PRIVACY, "privacy.name", name,
-            f"one of {', '.join(PRIVACY)} (central DP and secure aggregation are not built yet)")
+            f"one of {', '.join(PRIVACY)} (secure aggregation is not built yet)")
     if name == "none":
+        return
+    if name in CENTRAL:
+        _validate_central_dp(cfg)
         return
     for key in privacy:
         require(key in DP_KEYS, f"privacy.{key}", privacy[key], f"a key of dp_sgd ({', '.join(DP_KEYS)})")
@@ -170,6 +175,37 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
     require(not errors, "model", cfg["model"].get("name"),
             f"Opacus-compatible for privacy=dp_sgd ({'; '.join(map(str, errors))}); "
             "try model.norm=group")
+
+
+def _validate_central_dp(cfg: Mapping[str, Any]) -> None:
+    privacy = cfg["privacy"]
+    name = privacy["name"]
+    allowed = ("name", "side", "delta", *CENTRAL_PARAMS[name])
+    for key in privacy:
+        require(key in allowed, f"privacy.{key}", privacy[key], f"a key of {name} ({', '.join(allowed)})")
+    require(privacy.get("side") in ("server", "client"), "privacy.side", privacy.get("side"),
+            "server or client (who clips the updates)")
+    require_number(privacy.get("noise_multiplier"), "privacy.noise_multiplier", low=0.0)
+    delta = require_number(privacy.get("delta"), "privacy.delta", 0.0, 1.0)
+    require(0 < delta < 1, "privacy.delta", delta, "in (0, 1)")
+    for key in CENTRAL_PARAMS[name][1:]:
+        if key != "clipped_count_stddev" or privacy.get(key) is not None:
+            require_number(privacy.get(key), f"privacy.{key}", low=0.0)
+    aggregation = cfg["aggregation"]["name"]
+    require(aggregation not in REFERENCES, "aggregation.name", aggregation,
+            f"a federated aggregation with privacy={name} (pooled and local are not federated)")
+    if name == "central_dp_adaptive" and privacy["noise_multiplier"] > 0:
+        from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+        per_round = sites_per_round(cfg["aggregation"], len(cfg["federation"]["hospitals"]))
+        try:
+            compute_adaptive_noise_params(privacy["noise_multiplier"], per_round,
+                                          privacy.get("clipped_count_stddev"))
+        except ValueError:
+            raise ConfigError("privacy.clipped_count_stddev", privacy.get("clipped_count_stddev"),
+                              f"more than noise_multiplier/2 = {privacy['noise_multiplier'] / 2} "
+                              f"(Flower's default, sites per round/20, is {per_round / 20}: set "
+                              "it, or lower privacy.noise_multiplier)") from None
 
 
 # What `snowfed run resume=DIR` may change in the run's stored config.

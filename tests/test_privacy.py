@@ -125,3 +125,81 @@ def test_a_dp_sgd_federation_reports_each_sites_epsilon_per_round(tmp_path):
         per_round = [r["epsilon"] for r in read_jsonl(tmp_path / "dp" / "metrics.jsonl")
                      if r.get("node") == name and r.get("phase") == "train"]
         assert len(per_round) == 2 and 0 < per_round[0] < per_round[1]  # the budget accumulates
+
+
+# --- central DP (Flower's wrappers) -----------------------------------------------------------
+
+def test_central_dp_wraps_the_aggregation_in_flowers_wrapper_and_clips_server_side():
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from snowfed.config import load_group_option
+    from snowfed.server.aggregation import build_aggregation
+    from snowfed.server.privacy import WRAPPERS, wrap_central_dp
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    inner, _ = build_aggregation(dict(load_group_option("aggregation", "fedavg", "a")), num_nodes=2)
+    for (name, side), wrapper in WRAPPERS.items():
+        privacy = {**dict(load_group_option("privacy", name, "privacy")), "side": side,
+                   "clipped_count_stddev": 1.0}
+        assert type(wrap_central_dp(inner, privacy, 2)) is wrapper
+    privacy = {"name": "central_dp_fixed", "side": "server", "noise_multiplier": 0.0,
+               "clipping_norm": 0.5, "delta": 1e-5}
+    strategy = wrap_central_dp(inner, privacy, 2)
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+    start = {"w": torch.zeros(10)}
+    strategy.current_arrays = ArrayRecord(start)  # what configure_train records
+
+    def reply(node, value):
+        sent = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+        return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((10,), value)}),
+                                   "metrics": MetricRecord({"num-examples": 5, "partition-id": node})}),
+                       reply_to=sent)
+
+    arrays, _ = strategy.aggregate_train(1, [reply(1, 3.0), reply(2, -1.0)])
+    update = arrays["w"].numpy()
+    # each site's update clipped to norm 0.5 before the mean: (0.5 - 0.5) / 2 per direction
+    assert np.linalg.norm(update) <= 0.5 + 1e-6
+    assert np.allclose(update, 0.0, atol=1e-6)
+
+
+def test_central_epsilon_is_opacus_accountants_gaussian_mechanism_per_round():
+    from snowfed.server.privacy import central_epsilon
+
+    accountant = RDPAccountant()
+    for _ in range(5):
+        accountant.step(noise_multiplier=1.3, sample_rate=0.5)
+    assert central_epsilon(1.3, 0.5, 5, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5))
+    assert central_epsilon(1.3, 0.5, 0, 1e-5) == 0.0
+    assert central_epsilon(0.0, 1.0, 3, 1e-5) == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["privacy=central_dp_adaptive"], "privacy.clipped_count_stddev"),
+        (["privacy=central_dp_fixed", "privacy.side=middle"], "privacy.side"),
+        (["privacy=central_dp_fixed", "aggregation=pooled"], "aggregation.name"),
+        (["privacy=central_dp_fixed", "+privacy.max_grad_norm=1"], "privacy.max_grad_norm"),
+    ],
+)
+def test_bad_central_dp_settings_are_refused(overrides, key):
+    cfg = plain_config(compose(["federation=smoke", *overrides]))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+@pytest.mark.slow
+def test_client_side_central_dp_federation_reports_epsilon_per_round(tmp_path):
+    from snowfed.server.privacy import central_epsilon
+    from snowfed.sim.runner import run
+
+    cfg = plain_config(compose(["federation=smoke", "privacy=central_dp_fixed", "privacy.side=client",
+                                "rounds=2"]))
+    summary = run(cfg, tmp_path / "cdp")
+
+    assert summary["status"] == "completed"
+    spent = [h["epsilon"] for h in summary["history"]]
+    assert spent[0] == 0.0 and 0 < spent[1] < spent[2]
+    assert spent[2] == pytest.approx(central_epsilon(1.0, 1.0, 2, 1e-5))
