@@ -146,3 +146,34 @@ def write_report(table: Table, out_dir: Path) -> tuple[Path, Path]:
     )
     atomic_write_text(csv_path, table.csv())
     return md, csv_path
+
+
+def run_epsilon(run: Run) -> float | None:
+    """The privacy budget a run spent: the largest per-site epsilon (DP-SGD) or the global
+    site-level epsilon (central DP); 0 for a run without privacy, None if unknown."""
+    summary = run.summary
+    if summary.get("privacy"):
+        return max(float(site["epsilon"]) for site in summary["privacy"].values())
+    if "epsilon" in summary.get("global", {}):
+        return float(summary["global"]["epsilon"])
+    if lookup(run.config, "privacy.name") in ("none", MISSING):
+        return 0.0
+    return None
+
+
+def privacy_utility(runs: list[Run], group_key: str, metric: str = "f1"):
+    """Series for plots.plot_metric_against_epsilon: completed private runs grouped by
+    `group_key` (e.g. privacy.noise_multiplier), mean and spread over each group's runs."""
+    grouped: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for run in runs:
+        eps, value = run_epsilon(run), run.summary.get("global", {}).get(metric)
+        if run.status == "completed" and eps and value is not None and math.isfinite(eps):
+            label = f"{lookup(run.config, 'privacy.name')} {group_key.split('.')[-1]}=" \
+                    f"{lookup(run.config, group_key)}"
+            grouped[label].append((eps, float(value)))
+    series = {}
+    for label, points in sorted(grouped.items()):
+        eps, values = Cell(tuple(p[0] for p in points)), Cell(tuple(p[1] for p in points))
+        series[label] = [(eps.mean, 0.0 if math.isnan(eps.spread) else eps.spread,
+                          values.mean, 0.0 if math.isnan(values.spread) else values.spread)]
+    return series

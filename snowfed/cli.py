@@ -29,7 +29,8 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
              rounds, verbose and personalize_steps may change)
   report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
              final global metric over the completed runs under DIR, grouped by two config keys
-             (defaults strategy.name x noise.name, f1); writes report.md and report.csv
+             (defaults strategy.name x noise.name, f1); writes report.md and report.csv;
+             --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
 
 Config groups: task dataset model federation noise strategy aggregation privacy backend experiment
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
@@ -67,6 +68,9 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("--row-order", default="", help="comma-separated row labels, in order")
     parser.add_argument("--col-order", default="", help="comma-separated column labels, in order")
     parser.add_argument("--out", help="where report.md and report.csv go (default: the first DIR)")
+    parser.add_argument("--privacy-plot", metavar="KEY", help="also plot the metric against the "
+                        "epsilon spent, one series per value of config KEY (e.g. "
+                        "privacy.noise_multiplier): privacy_utility.png")
     try:
         opts = parser.parse_args(args)
     except SystemExit as exit_:
@@ -82,7 +86,17 @@ def report_command(args: list[str]) -> int:
         print(f"snowfed: no completed run with a global {opts.metric!r} under {' '.join(opts.dirs)} "
               f"({len(runs)} runs found)", file=sys.stderr)
         return 1
-    md, csv_path = write_report(table, Path(opts.out or opts.dirs[0]))
+    out = Path(opts.out or opts.dirs[0])
+    md, csv_path = write_report(table, out)
+    if opts.privacy_plot:
+        from snowfed.plots import plot_metric_against_epsilon
+        from snowfed.sim.report import privacy_utility
+
+        series = privacy_utility(runs, opts.privacy_plot, opts.metric)
+        plot_metric_against_epsilon(series, out / "privacy_utility.png", opts.metric)
+        for label, [(eps, eps_sd, value, value_sd)] in series.items():
+            print(f"{label}: epsilon {eps:.2f} ± {eps_sd:.2f}, {opts.metric} {value:.3f} ± {value_sd:.3f}")
+        print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
     print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
           f"skipped); wrote {md} and {csv_path}")

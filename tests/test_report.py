@@ -88,3 +88,23 @@ def test_a_sweep_started_again_runs_only_what_is_missing(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("(skipped)") == 2 and "round 1/1" not in again.stderr
+
+
+def test_privacy_plot_puts_each_noise_level_at_its_epsilon(tmp_path, capsys):
+    root = tmp_path / "dp"
+    for sigma, eps, f1s in ((0.5, 20.0, (0.7, 0.8)), (2.0, 1.5, (0.2, 0.4))):
+        for seed, f1 in enumerate(f1s):
+            path = root / f"s{sigma}-{seed}"
+            path.mkdir(parents=True)
+            (path / "config.yaml").write_text(yaml.safe_dump(
+                {"privacy": {"name": "dp_sgd", "noise_multiplier": sigma}, "seed": seed}))
+            (path / "summary.json").write_text(json.dumps({
+                "status": "completed", "global": {"f1": f1},
+                "privacy": {"a": {"epsilon": eps}, "b": {"epsilon": eps / 2}}}))
+    code = main(["report", str(root), "--rows", "privacy.noise_multiplier", "--cols", "privacy.name",
+                 "--privacy-plot", "privacy.noise_multiplier"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "dp_sgd noise_multiplier=0.5: epsilon 20.00 ± 0.00, f1 0.750" in out
+    assert "dp_sgd noise_multiplier=2.0: epsilon 1.50 ± 0.00, f1 0.300" in out
+    assert (root / "privacy_utility.png").stat().st_size > 5000
