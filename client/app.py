@@ -1,8 +1,14 @@
 """The node: a Flower ClientApp (Message API) that trains on its own labels and evaluates.
 
-In simulation every node opens the federation store named in the server's config and finds its
-data by its `partition-id`; what a node builds (data tensors, strategy, model skeleton) is built
-once per Ray actor and reused every round. What its strategy must remember between rounds
+Where a node's data is: at a partner site (Flower's deployment engine) the SuperNode's own
+`--node-config` names it: `data-path` (a folder), `data-format` (`snowfed-store`, a federation
+store as snowfed.store writes it; loaders for a site's own image folders come with the
+data-loaders issue) and `partition-id` (which of the store's nodes this site is). In simulation
+the node config holds only `partition-id` and the node opens the federation store that the
+server's config names. A site's own node config wins over the server's config.
+
+What a node builds (data tensors, strategy, model skeleton) is built once per process (a Ray
+actor in simulation) and reused every round. What its strategy must remember between rounds
 (initial weights, a trained teacher) is written next to the node's data in the store
 (`node-memory/<partition-id>/<name>.pt`), so it follows the node to whichever Ray actor runs it
 and survives a resumed run (Flower's `Context.state` lives only as long as the simulation).
@@ -57,15 +63,33 @@ class _Node:
 _NODES: dict[tuple[str, int], _Node] = {}
 
 
+DATA_PATH, DATA_FORMAT = "data-path", "data-format"  # the SuperNode's --node-config keys
+STORE_FORMAT = "snowfed-store"
+DATA_FORMATS = (STORE_FORMAT,)
+
+
 def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _store_path(config, node_config) -> str:
+    """The federation store this node reads: the one its SuperNode's node config names (a partner
+    site), else the one the server's config names (a simulation, where every node shares it)."""
+    if DATA_PATH in node_config:
+        data_format = str(node_config.get(DATA_FORMAT, STORE_FORMAT))
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"node config {DATA_FORMAT}={data_format!r} is not supported; "
+                             f"{DATA_FORMAT} must be one of {', '.join(DATA_FORMATS)}")
+        return str(node_config[DATA_PATH])
+    if "store" in config:
+        return str(config["store"])
+    raise ValueError(f"no data for this node: its node config names no {DATA_PATH} and the "
+                     "server's config names no federation store ('store' key)")
+
+
 def _node(msg: Message, context: Context) -> _Node:
     config = msg.content["config"]
-    if "store" not in config:
-        raise ValueError("the server's config names no federation store ('store' key)")
-    store_path, partition_id = str(config["store"]), _partition_id(context)
+    store_path, partition_id = _store_path(config, context.node_config), _partition_id(context)
     key = (store_path, partition_id)
     if key not in _NODES:
         store = FederationStore(store_path)
@@ -137,7 +161,7 @@ def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     config = msg.content["config"]
     if KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
-    privacy = FederationStore(str(config["store"])).manifest["privacy"]["name"]
+    privacy = FederationStore(_store_path(config, context.node_config)).manifest["privacy"]["name"]
     mod = adaptiveclipping_mod if privacy == "central_dp_adaptive" else fixedclipping_mod
     return mod(msg, context, call_next)
 

@@ -72,11 +72,11 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     return {k: v for k, v in vars(strategy).items() if not callable(v)}
 
 
-def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str) -> list[int]:
+def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) -> list[int]:
     """Ask every connected node which partition it is, so that a node that never replies is
     still recorded under its hospital's name."""
     node_ids = list(grid.get_node_ids())
-    config = ConfigRecord({"store": store_path})
+    config = ConfigRecord({"store": store_path} if store_path else {})
     messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
                         message_type="query.identify") for nid in node_ids]
     for reply in grid.send_and_receive(messages, timeout=600):
@@ -101,9 +101,13 @@ def run_federation(
     store: FederationStore,
     run_dir: Path,
     on_round: Callable[[int, dict, dict[str, float]], None] | None = None,
+    share_store: bool = True,
 ) -> FederationResult:
     """Run rounds up to `cfg["rounds"]`, from the run directory's checkpoint if it has one;
-    append to metrics.jsonl as rounds complete, checkpoint each round, write the final model."""
+    append to metrics.jsonl as rounds complete, checkpoint each round, write the final model.
+
+    `share_store`: the nodes read their data from the server's store (a simulation: its path goes
+    in every message); False in a real deployment, where each site's node config names its own."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_global_model(cfg["model"], cfg["task"]["num_classes"], cfg["seed"]).to(device)
     test_images, test_masks = store.test_set()
@@ -157,8 +161,9 @@ def run_federation(
         np.random.set_state(saved["numpy_random"])
         completed[saved["round"]] = saved["metrics"]
 
-    node_ids = identify_nodes(grid, recorder, str(store.path.resolve()))
-    node_config = {"store": str(store.path.resolve()), "seed": int(cfg["seed"])}
+    shared = {"store": str(store.path.resolve())} if share_store else {}
+    node_ids = identify_nodes(grid, recorder, shared.get("store"))
+    node_config = {**shared, "seed": int(cfg["seed"])}
     for rnd in range(max(completed) + 1, int(cfg["rounds"]) + 1):
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
         replies, missing = _exchange(grid, messages, timeout)

@@ -1,24 +1,37 @@
-"""The simulation's ServerApp for Flower's own `flwr run .` (components in pyproject.toml).
+"""The ServerApp for Flower's own `flwr run .` (components in pyproject.toml), in simulation and
+in a real deployment.
 
 `snowfed run` builds the federation itself and hands a ServerApp to Flower's simulation engine;
 under `flwr run .` Flower starts this app instead, so it does the same steps from the run config:
-`overrides` (Hydra overrides, space separated) and `run-dir`.
+`overrides` (Hydra overrides, space separated), `run-dir` and `store`:
+
+- `store` empty (simulation): build the virtual federation's store in the run directory; every
+  node reads it (its path goes in the server's messages).
+- `store` a folder (deployment, `docs/deployment.md`): the coordinator's federation store, made
+  beforehand with `snowfed prepare` and the same overrides. The server takes from it the node
+  names, its clean test set and the facts of the summary; the partner sites' data never leaves
+  them: each SuperNode's `--node-config` names its own, and no store path is sent to the sites.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
 
-from snowfed.config import ConfigError, compose
+from snowfed.config import ConfigError, compose, require
+from snowfed.rundir import CONFIG, METRICS, SUMMARY, atomic_write_text
 from snowfed.server.app import FederationStopped, run_federation
+from snowfed.store import FederationStore
 
-from .runner import finish, plain_config, prepare
+from .runner import finish, plain_config, prepare, validate
 
 app = ServerApp()
+NODES_WAIT_S = 300.0  # how long a deployment waits for every site's SuperNode to connect
 
 
 @app.main()
@@ -26,15 +39,19 @@ def main(grid: Grid, context: Context) -> None:
     overrides = str(context.run_config.get("overrides", "")).split()
     cfg = plain_config(compose(overrides))
     run_dir = Path(str(context.run_config.get("run-dir", "")) or cfg["run_dir"]).resolve()
-    plan, store = prepare(cfg, run_dir)
-    num_nodes = len(list(grid.get_node_ids()))
+    store_dir = str(context.run_config.get("store", ""))
+    if store_dir:
+        plan, store = validate(cfg), _coordinator_store(cfg, Path(store_dir), run_dir)
+    else:
+        plan, store = prepare(cfg, run_dir)
+    num_nodes = _wait_for_nodes(grid, len(plan.hospitals), NODES_WAIT_S if store_dir else 0.0)
     if num_nodes != len(plan.hospitals):
-        raise ConfigError("options.num-supernodes", num_nodes,
-                          f"{len(plan.hospitals)}, the number of hospitals of federation "
-                          f"{plan.name!r}")
+        raise ConfigError("options.num-supernodes" if not store_dir else "connected SuperNodes",
+                          num_nodes, f"{len(plan.hospitals)}, the number of hospitals of "
+                          f"federation {plan.name!r}")
     start, status, reason = time.monotonic(), "failed", None
     try:
-        result = run_federation(grid, cfg, store, run_dir)
+        result = run_federation(grid, cfg, store, run_dir, share_store=not store_dir)
         status = "completed" if result.rounds_completed == cfg["rounds"] else "failed"
     except FederationStopped as stop:  # too few sites replied: a result, not a crash
         reason = str(stop)
@@ -44,3 +61,31 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         finish(run_dir, store, status, time.monotonic() - start, reason)
     print(f"snowfed: run directory {run_dir}")
+
+
+def _coordinator_store(cfg: dict[str, Any], path: Path, run_dir: Path) -> FederationStore:
+    """The coordinator's store, checked against the run's config; a new run directory."""
+    try:
+        store = FederationStore(path)
+    except FileNotFoundError as err:
+        raise ConfigError("store", str(path), "a federation store folder (`snowfed prepare DIR "
+                          "...`)") from err
+    made_for = {"federation": store.manifest["federation"], "model": store.manifest["model"]}
+    wanted = {"federation": cfg["federation"]["name"], "model": dict(cfg["model"])}
+    require(made_for == wanted, "store", str(path), f"a store prepared with this run's federation "
+            f"and model ({wanted}); this one was prepared for {made_for}")
+    require(not (run_dir / METRICS).exists() and not (run_dir / SUMMARY).exists(), "run-dir",
+            str(run_dir), "a new or empty run directory (this one holds a previous run's results)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    return store
+
+
+def _wait_for_nodes(grid: Grid, expected: int, wait_s: float) -> int:
+    """The number of connected nodes once `expected` are there or `wait_s` seconds passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        num_nodes = len(list(grid.get_node_ids()))
+        if num_nodes >= expected or time.monotonic() >= deadline:
+            return num_nodes
+        time.sleep(1.0)

@@ -4,6 +4,7 @@
     snowfed run -m [SWEEP OVERRIDES]   a Hydra multirun sweep (e.g. seed=0,1,2)
     snowfed run resume=DIR [rounds=N]  continue a stopped run from its last checkpoint
     snowfed report DIR... [FLAGS]      a table of finished runs (e.g. strategy x noise preset)
+    snowfed prepare DIR [OVERRIDES]    only write the federation store (a real deployment's data)
 
 The CLI sits on top of the stack, so its command handlers import `snowfed.sim` lazily: the core
 modules themselves never import a role package.
@@ -31,6 +32,8 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
              final global metric over the completed runs under DIR, grouped by two config keys
              (defaults strategy.name x noise.name, f1); writes report.md and report.csv;
              --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
+  prepare    DIR [OVERRIDE ...]: validate the config and write its federation store to DIR,
+             without training: the data of a real deployment's rehearsal (docs/deployment.md)
 
 Config groups: task dataset model federation noise strategy aggregation privacy backend experiment
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     command, args = argv[0], argv[1:]
     if command == "report":
         return report_command(args)
+    if command == "prepare":
+        return prepare_command(args)
     if command != "run":
         print(f"snowfed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -100,6 +105,30 @@ def report_command(args: list[str]) -> int:
     print(table.markdown(), end="")
     print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
           f"skipped); wrote {md} and {csv_path}")
+    return 0
+
+
+def prepare_command(args: list[str]) -> int:
+    """Write the federation store of the config (synthetic data, each site's labels) to DIR: the
+    folder a deployment's coordinator and partner sites use until sites load their own images."""
+    from snowfed.sim.federation import build_store
+    from snowfed.sim.runner import plain_config, validate
+
+    if not args or "=" in args[0]:
+        print("usage: snowfed prepare DIR [OVERRIDE ...]", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    out, overrides = Path(args[0]), args[1:]
+    try:
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError("DIR", str(out), "a new or empty folder")
+        cfg = plain_config(compose(overrides))
+        plan = validate(cfg)
+    except ConfigError as err:
+        print(f"snowfed: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    store = build_store(plan, cfg, out)
+    names = ", ".join(f"{i}={n['name']}" for i, n in enumerate(store.nodes))
+    print(f"wrote the store of federation {plan.name!r} to {out} (partition-id=name: {names})")
     return 0
 
 
