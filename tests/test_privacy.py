@@ -203,3 +203,13 @@ def test_client_side_central_dp_federation_reports_epsilon_per_round(tmp_path):
     spent = [h["epsilon"] for h in summary["history"]]
     assert spent[0] == 0.0 and 0 < spent[1] < spent[2]
     assert spent[2] == pytest.approx(central_epsilon(1.0, 1.0, 2, 1e-5))
+
+
+def test_secure_aggregation_is_refused_at_start_up_with_the_reason(capsys, tmp_path):
+    from snowfed.cli import EXIT_BAD_CONFIG, main
+
+    assert main(["run", "federation=smoke", "privacy=secagg", f"run_dir={tmp_path / 'r'}"]) == \
+        EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert "privacy.name='secagg'" in err and "SecAggPlusWorkflow" in err
+    assert not (tmp_path / "r").exists()
