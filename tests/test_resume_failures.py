@@ -92,14 +92,15 @@ def test_a_failing_site_is_left_out_and_recorded_and_too_few_sites_stop_the_run(
 
 def test_a_site_past_the_round_timeout_is_left_out_and_recorded(tmp_path):
     cfg = _smoke("rounds=1")
-    cfg["aggregation"]["round_timeout_s"] = 3
-    cfg["federation"]["hospitals"][0]["failure"] = {"rounds": [1], "mode": "stall", "stall_s": 8}
+    # generous for the site that is on time (a loaded CI machine), far below the stall
+    cfg["aggregation"]["round_timeout_s"] = 10
+    cfg["federation"]["hospitals"][0]["failure"] = {"rounds": [1], "mode": "stall", "stall_s": 30}
     summary = run(cfg, tmp_path / "late")
 
     assert summary["status"] == "completed"
     train = {r["node"]: r for r in read_jsonl(tmp_path / "late" / "metrics.jsonl")
              if r.get("phase") == "train"}
-    assert "no reply within round_timeout_s=3" in train["alpha"]["error"]
+    assert "no reply within round_timeout_s=10" in train["alpha"]["error"]
     assert "error" not in train["beta"]
 
 
