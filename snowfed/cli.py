@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose
+from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose, sweep_size
 
 USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
 
@@ -39,6 +39,7 @@ Config groups: task dataset model federation noise strategy aggregation privacy 
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
 """
 
+SWEEP_ENV = "SNOWFED_SWEEP"  # "<jobs> <start time>" of the running sweep, for its progress line
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_INTERRUPTED = 130
@@ -146,6 +147,8 @@ def run_command(args: list[str]) -> int:
     except ConfigError as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    if multirun:  # the jobs print their place in the sweep and the time left
+        os.environ[SWEEP_ENV] = f"{sweep_size(overrides)} {time.time()}"
     sys.argv = ["snowfed-run", *args]
     with _interrupt_exits():
         try:
@@ -215,6 +218,7 @@ def _job(cfg) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
+        _sweep_progress(int(hydra_cfg.job.num))
         status = read_summary_status(run_dir)
         if status == "completed":
             print(f"done already: {run_dir} (skipped)")
@@ -232,6 +236,19 @@ def _job(cfg) -> None:
     _print_outcome(summary, run_dir)
     if summary["status"] != "completed" and not multirun:
         sys.exit(EXIT_FAILED)
+
+
+def _sweep_progress(job: int) -> None:
+    """`sweep 4/12 | 3m elapsed, ~6m left` before each job (the estimate: the mean time of the
+    jobs before it, skipped ones included)."""
+    total, _, start = os.environ.get(SWEEP_ENV, "").partition(" ")
+    if not total:
+        return
+    elapsed = time.time() - float(start)
+    line = f"sweep {job + 1}/{total} | {elapsed / 60:.0f}m elapsed"
+    if job:
+        line += f", ~{elapsed / job * (int(total) - job) / 60:.0f}m left"
+    print(line, file=sys.stderr, flush=True)
 
 
 def _hydra_run() -> None:

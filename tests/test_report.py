@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from snowfed.cli import main
+from snowfed.config import sweep_size
 from snowfed.sim.report import build_table, find_runs
 
 
@@ -61,6 +62,12 @@ def test_report_command_writes_markdown_and_csv(sweep, tmp_path, capsys):
         ("only_positive", "per-site")}
 
 
+def test_sweep_size_counts_the_jobs_of_a_multirun():
+    assert sweep_size(["federation=smoke", "seed=0,1,2", "strategy=a,b"]) == 6
+    assert sweep_size(["hydra.sweep.dir=x,y", "rounds=1"]) == 1
+    assert sweep_size(["federation.hospitals.1.noise={preset: noisy, p_remove: 0.2}", "seed=0,1"]) == 2
+
+
 def test_report_of_nothing_fails(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) != 0
     assert "no such run or sweep directory" in capsys.readouterr().err
@@ -80,6 +87,8 @@ def test_a_sweep_started_again_runs_only_what_is_missing(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "unfinished run moved to" in first.stdout
+    assert "sweep 1/2 |" in first.stderr and "sweep 2/2 |" in first.stderr  # progress, with ETA
+    assert "m left" in first.stderr
     moved = [p for p in sweep_dir.iterdir() if p.name.startswith(name.format(1) + ".unfinished-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").exists()  # kept, not deleted
     for seed in (0, 1):
