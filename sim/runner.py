@@ -28,6 +28,7 @@ from snowfed.rundir import (
     build_summary,
     load_checkpoint,
     read_jsonl,
+    read_summary_status,
 )
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.privacy import CENTRAL
@@ -235,7 +236,8 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> d
     cfg = plain_config(OmegaConf.load(run_dir / CONFIG))
     cfg.update(overrides)
     validate(cfg)
-    require(saved["round"] < cfg["rounds"], "rounds", cfg["rounds"],
+    finished = saved["round"] == cfg["rounds"] and read_summary_status(run_dir) == "completed"
+    require(saved["round"] <= cfg["rounds"] and not finished, "rounds", cfg["rounds"],
             f"more than the {saved['round']} rounds this run has completed already")
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return run(cfg, run_dir, resuming=True)
