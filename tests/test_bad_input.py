@@ -46,3 +46,26 @@ def test_per_hospital_noise_probability_is_checked(capsys, tmp_path):
 def test_unknown_command(capsys):
     assert main(["fly"]) != 0
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from snowfed.config import compose
+    from snowfed.rundir import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
+    assert "a run directory (with config.yaml)" in capsys.readouterr().err
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(compose(["federation=smoke", "rounds=3"])))
+    assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
+    assert "with a checkpoint.pt" in capsys.readouterr().err
+    save_checkpoint(run_dir, 3, {})
+    assert main(["run", f"resume={run_dir}", "seed=4"]) == EXIT_BAD_CONFIG
+    assert "seed=4" in capsys.readouterr().err
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
+    assert "more than the 3 rounds this run has completed" in capsys.readouterr().err
