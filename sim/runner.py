@@ -29,6 +29,7 @@ from snowfed.rundir import (
     load_checkpoint,
     read_jsonl,
     read_summary_status,
+    run_lock,
 )
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.privacy import CENTRAL
@@ -229,6 +230,11 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> d
                 f"left out when resuming (the run's own {run_dir / CONFIG} holds it); a resumed run "
                 f"may change only {', '.join(RESUME_OVERRIDES)}")
     require((run_dir / CONFIG).is_file(), "resume", str(run_dir), "a run directory (with config.yaml)")
+    with run_lock(run_dir):
+        return _resume_locked(run_dir, overrides)
+
+
+def _resume_locked(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     saved = load_checkpoint(run_dir)
     require(saved is not None, "resume", str(run_dir),
             "a run directory with a checkpoint.pt (this run stopped before its first round was "
@@ -240,7 +246,7 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> d
     require(saved["round"] <= cfg["rounds"] and not finished, "rounds", cfg["rounds"],
             f"more than the {saved['round']} rounds this run has completed already")
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    return run(cfg, run_dir, resuming=True)
+    return _run_locked(cfg, run_dir, resuming=True)
 
 
 def run(
@@ -248,10 +254,15 @@ def run(
 ) -> dict[str, Any]:
     """Run one simulation to its end; returns the summary (also written to summary.json).
     `resuming`: the run directory holds this run's store and checkpoint (see `resume`)."""
-    from snowfed.server.app import FederationStopped
-
     cfg = plain_config(cfg)
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run_locked(cfg, run_dir, resuming)
+
+
+def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str, Any]:
+    from snowfed.server.app import FederationStopped
+
     if resuming:
         plan, store = validate(cfg), FederationStore(run_dir / STORE_DIR)
     else:

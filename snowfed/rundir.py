@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,37 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+LOCK = ".snowfed.lock"
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold the run directory for this process: a second snowfed process on the same directory
+    (two sweeps started with the same sweep dir, a resume while the run still goes) would
+    interleave their records, so it is refused with the holder's pid instead."""
+    import fcntl
+
+    from snowfed.config import ConfigError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ConfigError("run_dir", str(run_dir), "a directory no other snowfed process is "
+                              f"running in (pid {handle.read().strip() or '?'} holds it)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def keep_rounds_upto(path: str | Path, last_round: int) -> int:

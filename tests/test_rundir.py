@@ -40,3 +40,24 @@ def test_summary_from_records():
     assert "final_train" not in s["nodes"]["a"]  # no train record given
     with pytest.raises(ValueError):
         build_summary(records, nodes, "running", 1.0)
+
+
+def test_a_run_directory_in_use_is_refused_before_anything_is_written(tmp_path, smoke_cfg):
+    import os
+
+    import pytest
+
+    from snowfed.config import ConfigError
+    from snowfed.rundir import run_lock
+    from snowfed.sim.runner import resume, run
+
+    run_dir = tmp_path / "busy"
+    with run_lock(run_dir):  # another snowfed process holds it (flock: per open file)
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()} holds it"):
+            run(smoke_cfg, run_dir)
+        (run_dir / "config.yaml").write_text("rounds: 1\n")
+        with pytest.raises(ConfigError, match="no other snowfed process"):
+            resume(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".snowfed.lock", "config.yaml"]
+    with run_lock(run_dir):  # released: free again
+        pass
