@@ -162,18 +162,19 @@ def run_epsilon(run: Run) -> float | None:
 
 
 def privacy_utility(runs: list[Run], group_key: str, metric: str = "f1"):
-    """Series for plots.plot_metric_against_epsilon: completed private runs grouped by
-    `group_key` (e.g. privacy.noise_multiplier), mean and spread over each group's runs."""
-    grouped: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    """(series, reference) for plots.plot_metric_against_epsilon: the completed private runs'
+    (epsilon, metric) points grouped by `group_key` (e.g. privacy.noise_multiplier), and the
+    metric of the completed runs without privacy."""
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    reference = []
     for run in runs:
         eps, value = run_epsilon(run), run.summary.get("global", {}).get(metric)
-        if run.status == "completed" and eps and value is not None and math.isfinite(eps):
+        if run.status != "completed" or value is None or eps is None:
+            continue
+        if eps == 0:
+            reference.append(float(value))
+        elif math.isfinite(eps):
             label = f"{lookup(run.config, 'privacy.name')} {group_key.split('.')[-1]}=" \
                     f"{lookup(run.config, group_key)}"
-            grouped[label].append((eps, float(value)))
-    series = {}
-    for label, points in sorted(grouped.items()):
-        eps, values = Cell(tuple(p[0] for p in points)), Cell(tuple(p[1] for p in points))
-        series[label] = [(eps.mean, 0.0 if math.isnan(eps.spread) else eps.spread,
-                          values.mean, 0.0 if math.isnan(values.spread) else values.spread)]
-    return series
+            series[label].append((eps, float(value)))
+    return dict(sorted(series.items())), reference

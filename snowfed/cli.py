@@ -96,12 +96,14 @@ def report_command(args: list[str]) -> int:
     md, csv_path = write_report(table, out)
     if opts.privacy_plot:
         from snowfed.plots import plot_metric_against_epsilon
-        from snowfed.sim.report import privacy_utility
+        from snowfed.sim.report import Cell, privacy_utility
 
-        series = privacy_utility(runs, opts.privacy_plot, opts.metric)
-        plot_metric_against_epsilon(series, out / "privacy_utility.png", opts.metric)
-        for label, [(eps, eps_sd, value, value_sd)] in series.items():
-            print(f"{label}: epsilon {eps:.2f} ± {eps_sd:.2f}, {opts.metric} {value:.3f} ± {value_sd:.3f}")
+        series, reference = privacy_utility(runs, opts.privacy_plot, opts.metric)
+        plot_metric_against_epsilon(series, out / "privacy_utility.png", opts.metric, reference)
+        for label, points in [*series.items(), ("no privacy", [(0.0, v) for v in reference])]:
+            eps, values = Cell(tuple(p[0] for p in points)), Cell(tuple(p[1] for p in points))
+            print(f"{label}: epsilon {eps.mean:.2f}, {opts.metric} {values.text()} "
+                  f"[{', '.join(f'{v:.3f}' for v in values.values)}]")
         print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
     print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "

@@ -55,22 +55,34 @@ def plot_f1_per_round(
 
 
 def plot_metric_against_epsilon(
-    series: dict[str, list[tuple[float, float, float, float]]], path: str | Path, metric: str = "f1"
+    series: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    metric: str = "f1",
+    reference: list[float] | None = None,
 ) -> None:
-    """The privacy-utility trade-off: for each series (e.g. a noise multiplier), points
-    (epsilon mean, epsilon spread, metric mean, metric spread) over seeds, with error bars."""
+    """The privacy-utility trade-off: each series (e.g. a noise multiplier) is its runs'
+    (epsilon, metric) points, drawn one by one and as their mean with a sample-sd bar;
+    `reference` (the non-private runs' values) is drawn as a band at its mean."""
+    import statistics
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    if reference:
+        mean = statistics.fmean(reference)
+        ax.axhline(mean, color="grey", ls="--", lw=1.2,
+                   label=f"no privacy (mean of {len(reference)}: {mean:.2f})")
+        ax.scatter([], [])  # keep colours aligned with the series below
     for color, (label, points) in zip(plt.cm.tab10.colors * 10, series.items()):
-        for eps, eps_sd, value, value_sd in points:
-            ax.errorbar(eps, value, xerr=eps_sd, yerr=value_sd, fmt="o", color=color, capsize=3,
-                        label=label)
-            label = None
+        eps, values = [p[0] for p in points], [p[1] for p in points]
+        ax.scatter(eps, values, s=14, color=color, alpha=0.45)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.errorbar(statistics.fmean(eps), statistics.fmean(values), yerr=sd, fmt="o", ms=7,
+                    color=color, capsize=3, label=f"{label} (n={len(points)})")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon spent (log scale; largest over sites, delta as configured)")
     ax.set_ylabel(f"final global {metric}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, title="privacy", loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

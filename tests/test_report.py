@@ -110,10 +110,15 @@ def test_privacy_plot_puts_each_noise_level_at_its_epsilon(tmp_path, capsys):
             (path / "summary.json").write_text(json.dumps({
                 "status": "completed", "global": {"f1": f1},
                 "privacy": {"a": {"epsilon": eps}, "b": {"epsilon": eps / 2}}}))
+    plain = root / "none-0"
+    plain.mkdir()
+    (plain / "config.yaml").write_text(yaml.safe_dump({"privacy": {"name": "none"}, "seed": 0}))
+    (plain / "summary.json").write_text(json.dumps({"status": "completed", "global": {"f1": 0.9}}))
     code = main(["report", str(root), "--rows", "privacy.noise_multiplier", "--cols", "privacy.name",
                  "--privacy-plot", "privacy.noise_multiplier"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "dp_sgd noise_multiplier=0.5: epsilon 20.00 ± 0.00, f1 0.750" in out
-    assert "dp_sgd noise_multiplier=2.0: epsilon 1.50 ± 0.00, f1 0.300" in out
+    assert "dp_sgd noise_multiplier=0.5: epsilon 20.00, f1 0.750 ± 0.071 (2) [0.700, 0.800]" in out
+    assert "dp_sgd noise_multiplier=2.0: epsilon 1.50, f1 0.300 ± 0.141 (2)" in out
+    assert "no privacy: epsilon 0.00, f1 0.900 (1)" in out
     assert (root / "privacy_utility.png").stat().st_size > 5000
