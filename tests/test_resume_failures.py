@@ -93,19 +93,27 @@ def test_a_failing_site_is_left_out_and_recorded_and_too_few_sites_stop_the_run(
 def test_a_site_past_the_round_timeout_is_left_out_and_recorded(tmp_path):
     cfg = _smoke("rounds=1")
     # generous for the site that is on time (a loaded CI machine), far below the stall
-    cfg["aggregation"]["round_timeout_s"] = 10
-    cfg["federation"]["hospitals"][0]["failure"] = {"rounds": [1], "mode": "stall", "stall_s": 30}
+    cfg["aggregation"]["round_timeout_s"] = 6
+    cfg["federation"]["hospitals"][0]["failure"] = {"rounds": [1], "mode": "stall", "stall_s": 15}
     summary = run(cfg, tmp_path / "late")
 
     assert summary["status"] == "completed"
     train = {r["node"]: r for r in read_jsonl(tmp_path / "late" / "metrics.jsonl")
              if r.get("phase") == "train"}
-    assert "no reply within round_timeout_s=10" in train["alpha"]["error"]
+    assert "no reply within round_timeout_s=6" in train["alpha"]["error"]
     assert "error" not in train["beta"]
 
 
-@pytest.mark.parametrize("name", AGGREGATIONS)
-def test_every_aggregation_runs_the_smoke_federation(name, tmp_path):
+# Each aggregation with a path of its own through snowfed end to end: the sites' proximal term
+# (fedprox), server state across rounds (fedadam), a third site (bulyan), the server's probe
+# (quality), the in-process references. The rest differ only inside Flower's aggregate_train;
+# test_aggregation.py builds every one from its config (a Ray start per name would cost CI
+# minutes for no new path). All 14 ran end to end in docs/results/aggregation.md's sweep.
+END_TO_END = ("fedprox", "fedadam", "bulyan", "quality", "pooled", "local")
+
+
+@pytest.mark.parametrize("name", END_TO_END)
+def test_aggregations_with_their_own_path_run_the_smoke_federation(name, tmp_path):
     cfg = _smoke(f"aggregation={name}", "rounds=2")
     if name == "bulyan":  # needs 3 sites per round: a third hospital
         third = {**cfg["federation"]["hospitals"][0], "name": "gamma"}
@@ -124,6 +132,10 @@ def test_every_aggregation_runs_the_smoke_federation(name, tmp_path):
     if name not in ("pooled", "local"):  # the global model moved
         first, last = (np.array(list(h.values())) for h in (summary["history"][0], summary["history"][2]))
         assert not np.array_equal(first, last)
+
+
+def test_end_to_end_list_names_real_aggregations():
+    assert set(END_TO_END) <= set(AGGREGATIONS)
 
 
 def test_personalisation_reports_global_and_fine_tuned_models_per_site(tmp_path):
