@@ -136,13 +136,14 @@ def build_table(
     return Table(rows, cols, cells, row_key, col_key, metric, skipped)
 
 
-def write_report(table: Table, out_dir: Path) -> tuple[Path, Path]:
+def write_report(table: Table, out_dir: Path, score: Score | None = None) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     atomic_write_text(
         md,
         f"Final global {table.metric} (clean test set drawn from every site): mean ± sample "
-        f"standard deviation (number of runs).\n\n" + table.markdown(),
+        f"standard deviation (number of runs).\n\n" + table.markdown()
+        + ("\n" + score.markdown() if score is not None else ""),
     )
     atomic_write_text(csv_path, table.csv())
     return md, csv_path
@@ -178,3 +179,54 @@ def privacy_utility(runs: list[Run], group_key: str, metric: str = "f1"):
                     f"{lookup(run.config, group_key)}"
             series[label].append((eps, float(value)))
     return dict(sorted(series.items())), reference
+
+
+@dataclass(frozen=True)
+class Score:
+    """Pairwise Wilcoxon signed-rank tests between rows over their paired runs (same column,
+    same seed): a row wins against another where p < alpha and its median difference is > 0.
+    `score` = wins - losses, the summary ranking of e.g. strategies across noise settings."""
+
+    rows: list[str]
+    wins: dict[str, int]
+    losses: dict[str, int]
+    pairs: dict[tuple[str, str], int]  # how many paired runs each comparison had
+    alpha: float
+
+    def markdown(self) -> str:
+        order = sorted(self.rows, key=lambda r: (self.losses[r] - self.wins[r], r))
+        lines = [f"Pairwise Wilcoxon signed-rank tests (paired by column and seed, p < {self.alpha}):",
+                 "", "| row | wins | losses | score |", "|---|---|---|---|"]
+        lines += [f"| {r} | {self.wins[r]} | {self.losses[r]} | {self.wins[r] - self.losses[r]} |"
+                  for r in order]
+        fewest = min(self.pairs.values(), default=0)
+        lines += ["", f"Fewest paired runs in a comparison: {fewest} (Wilcoxon cannot reach "
+                  f"p < 0.05 with fewer than 6)."]
+        return "\n".join(lines) + "\n"
+
+
+def pairwise_score(
+    runs: list[Run], row_key: str, col_key: str, metric: str = "f1", alpha: float = 0.05
+) -> Score:
+    from scipy.stats import wilcoxon
+
+    values: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
+    for run in runs:
+        value = run.summary.get("global", {}).get(metric)
+        if run.status == "completed" and value is not None:
+            key = (lookup(run.config, col_key), lookup(run.config, "seed"))
+            values[lookup(run.config, row_key)][key] = float(value)
+    rows = list(values)
+    wins, losses, pairs = dict.fromkeys(rows, 0), dict.fromkeys(rows, 0), {}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            shared = sorted(set(values[a]) & set(values[b]))
+            pairs[a, b] = len(shared)
+            diffs = [values[a][k] - values[b][k] for k in shared]
+            if len(diffs) < 2 or all(d == 0 for d in diffs):
+                continue
+            if wilcoxon(diffs).pvalue < alpha:
+                winner, loser = (a, b) if statistics.median(diffs) > 0 else (b, a)
+                wins[winner] += 1
+                losses[loser] += 1
+    return Score(rows, wins, losses, pairs, alpha)

@@ -30,7 +30,8 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
              rounds, verbose and personalize_steps may change)
   report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
              final global metric over the completed runs under DIR, grouped by two config keys
-             (defaults strategy.name x noise.name, f1); writes report.md and report.csv;
+             (defaults strategy.name x noise.name, f1) and a pairwise Wilcoxon score of the
+             rows; writes report.md and report.csv;
              --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
   prepare    DIR [OVERRIDE ...]: validate the config and write its federation store to DIR,
              without training: the data of a real deployment's rehearsal (docs/deployment.md)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_command(args: list[str]) -> int:
     import argparse
 
-    from snowfed.sim.report import build_table, find_runs, write_report
+    from snowfed.sim.report import build_table, find_runs, pairwise_score, write_report
 
     parser = argparse.ArgumentParser(prog="snowfed report")
     parser.add_argument("dirs", nargs="+", help="run or sweep directories")
@@ -93,7 +94,8 @@ def report_command(args: list[str]) -> int:
               f"({len(runs)} runs found)", file=sys.stderr)
         return 1
     out = Path(opts.out or opts.dirs[0])
-    md, csv_path = write_report(table, out)
+    score = pairwise_score(runs, opts.rows, opts.cols, opts.metric)
+    md, csv_path = write_report(table, out, score)
     if opts.privacy_plot:
         from snowfed.plots import plot_metric_against_epsilon
         from snowfed.sim.report import Cell, privacy_utility
@@ -106,6 +108,7 @@ def report_command(args: list[str]) -> int:
                   f"[{', '.join(f'{v:.3f}' for v in values.values)}]")
         print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
+    print(score.markdown(), end="")
     print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
           f"skipped); wrote {md} and {csv_path}")
     return 0

@@ -55,7 +55,8 @@ def test_report_command_writes_markdown_and_csv(sweep, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| baseline | 0.800 ± 0.100 (3) | 0.300 ± 0.100 (3) | - |" in printed
-    assert (out / "report.md").read_text().count("| only_positive |") == 1
+    table_md, score_md = (out / "report.md").read_text().split("Pairwise Wilcoxon")
+    assert table_md.count("| only_positive |") == 1 and "| only_positive |" in score_md
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert {(r["strategy.name"], r["noise.name"]) for r in rows} == {
         ("baseline", "clean"), ("baseline", "noisy"), ("only_positive", "noisy"),
@@ -122,3 +123,25 @@ def test_privacy_plot_puts_each_noise_level_at_its_epsilon(tmp_path, capsys):
     assert "dp_sgd noise_multiplier=2.0: epsilon 1.50, f1 0.300 ± 0.141 (2)" in out
     assert "no privacy: epsilon 0.00, f1 0.900 (1)" in out
     assert (root / "privacy_utility.png").stat().st_size > 5000
+
+
+def test_pairwise_wilcoxon_score_counts_significant_wins_over_paired_runs(tmp_path):
+    from snowfed.sim.report import pairwise_score
+
+    root = tmp_path / "score"
+    rng = __import__("random").Random(0)
+    for noise in ("clean", "noisy"):
+        for seed in range(4):
+            base = rng.uniform(0.2, 0.6)
+            for strategy, delta in (("good", 0.2), ("baseline", 0.0), ("same", 0.0)):
+                _run(root / f"{strategy}-{noise}-{seed}", strategy, noise, seed,
+                     base + delta + (0.001 * seed if strategy == "same" else 0.0))
+    _run(root / "good-bb-0", "good", "bb", 0, 0.9)  # no partner run: not paired
+    score = pairwise_score(find_runs([root]), "strategy.name", "noise.name")
+
+    assert score.pairs.get(("good", "baseline"), score.pairs.get(("baseline", "good"))) == 8
+    assert (score.wins["good"], score.losses["good"]) == (2, 0)  # beats baseline and same
+    assert (score.wins["baseline"], score.losses["baseline"]) == (0, 2)
+    # 0.001 x seed above baseline: 6 non-tied pairs, all positive, p = 1/32 < 0.05
+    assert (score.wins["same"], score.losses["same"]) == (1, 1)
+    assert "| good | 2 | 0 | 2 |" in score.markdown()
