@@ -21,14 +21,12 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import OmegaConf
 
 from snowfed.config import ConfigError, compose, require
-from snowfed.rundir import CONFIG, METRICS, SUMMARY, atomic_write_text
 from snowfed.server.app import FederationStopped, run_federation
 from snowfed.store import FederationStore
 
-from .runner import finish, plain_config, prepare, validate
+from .runner import finish, plain_config, prepare, start_run_dir, validate
 
 app = ServerApp()
 NODES_WAIT_S = 300.0  # how long a deployment waits for every site's SuperNode to connect
@@ -74,10 +72,7 @@ def _coordinator_store(cfg: dict[str, Any], path: Path, run_dir: Path) -> Federa
     wanted = {"federation": cfg["federation"]["name"], "model": dict(cfg["model"])}
     require(made_for == wanted, "store", str(path), f"a store prepared with this run's federation "
             f"and model ({wanted}); this one was prepared for {made_for}")
-    require(not (run_dir / METRICS).exists() and not (run_dir / SUMMARY).exists(), "run-dir",
-            str(run_dir), "a new or empty run directory (this one holds a previous run's results)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    start_run_dir(cfg, run_dir, key="run-dir")
     return store
 
 

@@ -79,13 +79,18 @@ def validate(cfg: Mapping[str, Any]):
 def prepare(cfg: Mapping[str, Any], run_dir: Path):
     """Validate, write config.yaml and the federation store; return (plan, store)."""
     plan = validate(cfg)
+    start_run_dir(cfg, run_dir)
+    store = build_store(plan, cfg, run_dir / STORE_DIR)
+    return plan, store
+
+
+def start_run_dir(cfg: Mapping[str, Any], run_dir: Path, key: str = "run_dir") -> None:
+    """Refuse a run directory holding a previous run's results; write config.yaml into it."""
     if (run_dir / METRICS).exists() or (run_dir / SUMMARY).exists():
-        raise ConfigError("run_dir", str(run_dir), "a new or empty run directory (this one holds "
+        raise ConfigError(key, str(run_dir), "a new or empty run directory (this one holds "
                           "a previous run's results, which snowfed never overwrites)")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
-    store = build_store(plan, cfg, run_dir / STORE_DIR)
-    return plan, store
 
 
 def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | None = None) -> dict:
