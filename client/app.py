@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from snowfed.evaluation import evaluate_segmentation
+from snowfed.evaluation import evaluate
 from snowfed.models import build_model
 from snowfed.rundir import atomic_write_bytes
 from snowfed.store import FederationStore, NodeData
@@ -185,7 +185,7 @@ def train(msg: Message, context: Context) -> Message:
     # The locally trained model on the node's clean held-out split: what this node's labels and
     # strategy alone made of the global model this round (the global model's score on the same
     # split comes from the evaluate phase).
-    local = evaluate_segmentation(node.model, node.data.val_images, node.data.val_masks, node.device)
+    local = evaluate(node.model, node.data.val_images, node.data.val_targets, node.device)
     metrics = MetricRecord(
         {
             "num-examples": len(node.data.images),
@@ -204,10 +204,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate_global(msg: Message, context: Context) -> Message:
     node = _node(msg, context)
     _load_global(node, msg)
-    metrics = evaluate_segmentation(node.model, node.data.val_images, node.data.val_masks, node.device)
+    metrics = evaluate(node.model, node.data.val_images, node.data.val_targets, node.device)
     record = MetricRecord(
         {"num-examples": len(node.data.val_images), PARTITION_KEY: node.partition_id, **metrics}
     )
@@ -222,7 +222,7 @@ def personalize(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     _load_global(node, msg)
     scores = personalize_locally(
-        node.model, node.strategy, node.data.val_images, node.data.val_masks,
+        node.model, node.strategy, node.data.val_images, node.data.val_targets,
         _generator(config, node, salt=PERSONALIZE_SALT), int(config["personalize-steps"]),
         node.device, node.memory,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snowfed.evaluation import evaluate_segmentation
+from snowfed.evaluation import evaluate
 from snowfed.strategies import LocalStrategy
 
 from .privacy import DPSettings, dp_sgd_steps
@@ -84,7 +84,7 @@ def personalize_locally(
     model: torch.nn.Module,
     strategy: LocalStrategy,
     val_images: np.ndarray,
-    val_masks: np.ndarray,
+    val_targets: np.ndarray,
     generator: torch.Generator,
     steps: int,
     device: torch.device | str = "cpu",
@@ -93,9 +93,9 @@ def personalize_locally(
     """Fine-tune `model` (the final global model) with `steps` local steps of the site's
     strategy; the global and the personalised model's scores on the site's clean held-out split,
     as `global-<metric>` and `personalized-<metric>`."""
-    before = evaluate_segmentation(model, val_images, val_masks, device)
+    before = evaluate(model, val_images, val_targets, device)
     train_locally(model, strategy, generator, device, memory, steps=steps)
-    after = evaluate_segmentation(model, val_images, val_masks, device)
+    after = evaluate(model, val_images, val_targets, device)
     return {**{f"global-{k}": v for k, v in before.items()},
             **{f"personalized-{k}": v for k, v in after.items()}}
 

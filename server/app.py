@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from snowfed.evaluation import evaluate_segmentation
+from snowfed.evaluation import evaluate
 from snowfed.models import build_model
 from snowfed.rundir import (
     FINAL_MODEL,
@@ -109,14 +109,14 @@ def run_federation(
     `share_store`: the nodes read their data from the server's store (a simulation: its path goes
     in every message); False in a real deployment, where each site's node config names its own."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_global_model(cfg["model"], cfg["task"]["num_classes"], cfg["seed"]).to(device)
-    test_images, test_masks = store.test_set()
+    model = build_global_model(cfg["model"], store.manifest["num_classes"], cfg["seed"]).to(device)
+    test_images, test_targets = store.test_set()
     node_names = [n["name"] for n in store.nodes]
     recorder = RoundRecorder(run_dir / METRICS, node_names, on_round)
     agg_cfg = cfg["aggregation"]
     probe = None
     if agg_cfg["name"] == "quality":
-        probe = LossProbe(build_global_model(cfg["model"], cfg["task"]["num_classes"], 0).to(device),
+        probe = LossProbe(build_global_model(cfg["model"], store.manifest["num_classes"], 0).to(device),
                           *store.server_val_set(), device)
     strategy, timeout = build_aggregation(agg_cfg, len(node_names), probe)
     privacy = cfg["privacy"]
@@ -128,7 +128,7 @@ def run_federation(
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate_segmentation(model, test_images, test_masks, device)
+        metrics = evaluate(model, test_images, test_targets, device)
         if privacy["name"] in CENTRAL:  # site-level epsilon spent by the rounds so far
             metrics["epsilon"] = central_epsilon(privacy["noise_multiplier"],
                                                  per_round / len(node_names), server_round,

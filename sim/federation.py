@@ -12,7 +12,7 @@ import numpy as np
 
 from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
 from snowfed.data.synthetic import Appearance, generate
-from snowfed.models import MODELS, build_model
+from snowfed.models import MODEL_TASKS, MODELS, build_model
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
 from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
@@ -120,11 +120,15 @@ def _num_verified(h: Hospital, val_fraction: float) -> int:
     return int(round(h.clean_fraction * (h.num_images - n_val)))
 
 
-def configured_model(cfg: Mapping[str, Any]):
+def configured_model(cfg: Mapping[str, Any], num_classes: int | None = None):
+    """The configured network; `num_classes` from the dataset when the task does not fix it."""
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name", None)
     require(name in MODELS, "model.name", name, f"one of {', '.join(MODELS)}")
-    return build_model(name, num_classes=int(cfg["task"]["num_classes"]), **model_cfg)
+    task = cfg["task"]["name"]
+    require(MODEL_TASKS[name] == task, "model.name", name,
+            f"a {task} model ({', '.join(m for m, t in MODEL_TASKS.items() if t == task)}) with task={task}")
+    return build_model(name, num_classes=int(num_classes or cfg["task"]["num_classes"]), **model_cfg)
 
 
 def _check_against_model(spec: StrategySpec, model, cfg: Mapping[str, Any], key: str) -> StrategySpec:
@@ -158,8 +162,26 @@ def _check_against_model(spec: StrategySpec, model, cfg: Mapping[str, Any], key:
     return replace(spec, init_params={**spec.init_params, "path": resolved})
 
 
-def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
-    """Validate the whole federation config; raise ConfigError on the first bad key."""
+SYNTHETIC = "synthetic"
+
+
+def resolve_federation(cfg: Mapping[str, Any]):
+    """Validate the whole federation config; raise ConfigError on the first bad key. A loaded
+    dataset (anything but dataset=synthetic) is cut into sites by sim.dataset_sites."""
+    if cfg["dataset"]["name"] != SYNTHETIC:
+        from .dataset_sites import resolve  # it builds on this module's hospital checks
+
+        models = {}
+
+        def check_model(spec: StrategySpec, key: str, num_classes: int) -> StrategySpec:
+            if num_classes not in models:
+                models[num_classes] = configured_model(cfg, num_classes)
+            return _check_against_model(spec, models[num_classes], cfg, key)
+
+        return resolve(cfg, check_model)
+    require(cfg["task"]["name"] == "segmentation", "task", cfg["task"]["name"],
+            "segmentation with dataset=synthetic (its labels are masks); pick a classification "
+            "dataset (digits, npz, image_folder) for task=classification")
     fed = cfg["federation"]
     hospitals_cfg = fed.get("hospitals") or []
     require(len(hospitals_cfg) > 0, "federation.hospitals", len(hospitals_cfg),
@@ -213,7 +235,17 @@ def resolve_federation(cfg: Mapping[str, Any]) -> FederationPlan:
     )
 
 
-def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
+def build_store(plan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
+    """Write the run's federation store: sim.dataset_sites for a loaded dataset, else the
+    synthetic hospitals below."""
+    if not isinstance(plan, FederationPlan):
+        from .dataset_sites import build
+
+        return build(plan, cfg, path)
+    return _build_synthetic_store(plan, cfg, path)
+
+
+def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
     """Generate each hospital's images (its appearance), split them (global clean test, the
     node's clean held-out split, its training set), degrade the training labels with the
     hospital's noise, measure what the noise did, and write one store for the whole run."""
@@ -269,6 +301,7 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
         "federation": plan.name,
         "seed": plan.seed,
         "image_size": plan.image_size,
+        "task": "segmentation",
         "num_classes": int(cfg["task"]["num_classes"]),
         "model": dict(cfg["model"]),
         "rounds": int(cfg["rounds"]),
@@ -283,7 +316,9 @@ def build_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> Fed
 
 
 def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
-    """What summary.json says of each node before any training."""
+    """What summary.json says of each node before any training (appearance for synthetic
+    sites; class histogram, patients and shortcut for sites cut from a loaded dataset)."""
+    optional = ("appearance", "class_histogram", "patients", "shortcut")
     return {
         n["name"]: {
             "noise_profile": n["noise_profile"],
@@ -293,7 +328,7 @@ def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
             "num_verified": len(n.get("verified", [])),
             "label_noise": n["label_noise"],
             "noise": n["noise"],
-            "appearance": n["appearance"],
+            **{k: n[k] for k in optional if k in n},
         }
         for n in store.nodes
     }

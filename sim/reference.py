@@ -25,7 +25,7 @@ from snowfed.client.trainer import (
     personalize_locally,
     train_locally,
 )
-from snowfed.evaluation import evaluate_segmentation
+from snowfed.evaluation import evaluate
 from snowfed.rundir import METRICS, keep_rounds_upto, load_checkpoint, save_checkpoint
 from snowfed.server.app import FederationResult, build_global_model, save_model
 from snowfed.server.recording import RoundRecorder
@@ -64,10 +64,10 @@ def run_reference(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = [store.node_data(i) for i in range(len(store.nodes))]
     names = [d.name for d in data]
-    initial = build_global_model(cfg["model"], cfg["task"]["num_classes"], cfg["seed"]).state_dict()
+    initial = build_global_model(cfg["model"], store.manifest["num_classes"], cfg["seed"]).state_dict()
 
     def new_model() -> torch.nn.Module:
-        model = build_global_model(cfg["model"], cfg["task"]["num_classes"], cfg["seed"])
+        model = build_global_model(cfg["model"], store.manifest["num_classes"], cfg["seed"])
         model.load_state_dict(initial)
         return model.to(device)
 
@@ -90,17 +90,17 @@ def run_reference(
             for i, (d, n) in enumerate(zip(data, store.nodes))
         ]
     recorder = RoundRecorder(run_dir / METRICS, names, on_round)
-    test_images, test_masks = store.test_set()
+    test_images, test_targets = store.test_set()
     completed: dict[int, dict[str, float]] = {}
 
-    def evaluate(rnd: int) -> None:
+    def evaluate_round(rnd: int) -> None:
         node_records, test_scores = [], []
         for learner in learners:
-            test_scores.append(evaluate_segmentation(learner.model, test_images, test_masks, device))
+            test_scores.append(evaluate(learner.model, test_images, test_targets, device))
             for i, d in enumerate(data):
                 if mode == "local" and i != learner.partition_id:
                     continue
-                scores = evaluate_segmentation(learner.model, d.val_images, d.val_masks, device)
+                scores = evaluate(learner.model, d.val_images, d.val_targets, device)
                 extra = {f"test-{k}": v for k, v in test_scores[-1].items()} if mode == "local" else {}
                 node_records.append({"round": rnd, "scope": "node", "node": d.name,
                                      "phase": "evaluate", "num-examples": len(d.val_images),
@@ -114,7 +114,7 @@ def run_reference(
     saved = load_checkpoint(run_dir)
     if saved is None:
         keep_rounds_upto(run_dir / METRICS, -1)
-        evaluate(0)
+        evaluate_round(0)
     else:
         keep_rounds_upto(run_dir / METRICS, saved["round"])
         for learner, state, memory in zip(learners, saved["models"], saved["memory"]):
@@ -131,7 +131,7 @@ def run_reference(
                 recorder.append([{"round": rnd, "scope": "node", "node": learner.name,
                                   "phase": "train", "num-examples": len(data[learner.partition_id].images),
                                   "train-loss-first": stats.first_loss, "train-loss": stats.last_loss}])
-        evaluate(rnd)
+        evaluate_round(rnd)
         save_checkpoint(run_dir, rnd, {
             "models": [{k: v.cpu() for k, v in lr.model.state_dict().items()} for lr in learners],
             "memory": [lr.memory for lr in learners],
@@ -149,7 +149,7 @@ def run_reference(
                 site = LocalStrategy.build(StrategySpec(**store.nodes[i]["strategy"]), d.images,
                                            d.labels, d.verified)
                 gen = node_generator(int(cfg["seed"]), int(cfg["rounds"]), i, PERSONALIZE_SALT)
-                scores = personalize_locally(model, site, d.val_images, d.val_masks, gen, steps,
+                scores = personalize_locally(model, site, d.val_images, d.val_targets, gen, steps,
                                              device, {})
                 records.append({"round": int(cfg["rounds"]), "scope": "node", "node": d.name,
                                 "phase": "personalize", "num-examples": len(d.val_images), **scores})

@@ -184,7 +184,7 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
 
     from .federation import configured_model
 
-    errors = ModuleValidator.validate(configured_model(cfg), strict=False)
+    errors = ModuleValidator.validate(configured_model(cfg, getattr(plan, "num_classes", None)), strict=False)
     require(not errors, "model", cfg["model"].get("name"),
             f"Opacus-compatible for privacy=dp_sgd ({'; '.join(map(str, errors))}); "
             "try model.norm=group")

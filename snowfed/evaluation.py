@@ -1,11 +1,13 @@
-"""Segmentation evaluation shared by the nodes (clean held-out split) and the server (global test)."""
+"""Evaluation shared by the nodes (clean held-out split), the server (global test) and the
+reference runs. `evaluate` picks the task from the targets' shape: one class id per image
+(classification) or one mask per image (segmentation)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from snowfed.metrics import Confusion
+from snowfed.metrics import Confusion, classification_metrics
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -29,3 +31,32 @@ def evaluate_segmentation(
         pred = model(x).argmax(dim=1).cpu().numpy().astype(bool)
         confusion.update(pred, np.asarray(masks[start : start + batch_size]).astype(bool))
     return confusion.as_dict()
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro F1, precision, recall and AUC of the model's softmax."""
+    model.eval()
+    probs = [
+        torch.softmax(model(images_to_tensor(images[s : s + batch_size]).to(device)), dim=1).cpu()
+        for s in range(0, len(images), batch_size)
+    ]
+    return classification_metrics(np.asarray(labels), torch.cat(probs).double().numpy())
+
+
+def evaluate(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    targets: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The task's metrics: class ids (N,) -> classification, masks (N, H, W) -> segmentation."""
+    if np.ndim(targets) == 1:
+        return evaluate_classification(model, images, targets, device)
+    return evaluate_segmentation(model, images, targets, device)

@@ -1,4 +1,7 @@
-"""Pixel-level binary segmentation metrics, accumulated over a whole evaluation set.
+"""Evaluation metrics: pixel-level binary segmentation (accumulated over a whole evaluation
+set) and image-level classification (scikit-learn's implementations).
+
+Segmentation:
 
 Two kinds of overlap score, because the literature mixes them up:
 - ``f1`` pools the pixel counts of every image, then scores once (the SNOW reference results'
@@ -110,3 +113,32 @@ class Confusion:
             "fn": self.fn,
             "tn": self.tn,
         }
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro F1 (as ``f1``, the key every report ranks by), macro
+    precision and recall, and macro one-vs-rest ROC AUC over the classes that have both positives
+    and negatives in `labels` (nan when none has). `probs` is (N, C) class probabilities."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    labels = np.asarray(labels)
+    classes = list(range(probs.shape[1]))
+    pred = probs.argmax(axis=1)
+    present = [c for c in classes if 0 < np.count_nonzero(labels == c) < len(labels)]
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
+    macro = {"labels": classes, "average": "macro", "zero_division": 0}
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "f1": float(f1_score(labels, pred, **macro)),
+        "precision": float(precision_score(labels, pred, **macro)),
+        "recall": float(recall_score(labels, pred, **macro)),
+        "auc": float(np.mean(aucs)) if aucs else float("nan"),
+    }

@@ -1,4 +1,9 @@
-"""Segmentation networks shared by every site, and the registry the configs name them by.
+"""Networks shared by every site, and the registry the configs name them by.
+
+Segmentation: ShortRes. Classification: SmallCNN and ResNet (a CIFAR-style ResNet sized for
+2-core CPUs and 8x8 to 64x64 images; torchvision's ImageNet ResNets start with a stride-4 stem
+and 11M parameters, too much for both). Every model lists its `named_stages` input-to-output, so
+`freeze_stages: k` means the same thing for all of them.
 
 ShortRes follows the SNOW paper (Foucart et al., ISBI 2019; reference code adfoucart/deephisto,
 network/ShortRes.py): a 1x1 widening conv, residual units of 3 x (3x3 conv + LeakyReLU) with an
@@ -167,7 +172,92 @@ def tile_scores(seg_logits: torch.Tensor) -> torch.Tensor:
     return seg_logits.amax(dim=(-2, -1))
 
 
-MODELS: dict[str, type[nn.Module]] = {"shortres": ShortRes}
+class _Staged(nn.Module):
+    """A classifier made of named stages run in order (the `named_stages` protocol)."""
+
+    @property
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        return list(self.body.named_children())
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [module for _, module in self.named_stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _head(width: int, num_classes: int) -> nn.Sequential:
+    # global average pooling: any input size (8x8 digits, 28x28 MedMNIST, 64x64 tiles) works
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+class SmallCNN(_Staged):
+    """Two conv blocks (2 x (3x3 conv [+ GroupNorm] + ReLU), then 2x2 max-pooling) and a linear
+    head on globally pooled features: the small CNN of Flower's quickstarts, size-agnostic.
+    Stages: block1, block2, head."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, norm: str = "none"):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            layers = []
+            for c in (cin, cout):
+                layers += [nn.Conv2d(c, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU()]
+            return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=True))
+
+        self.body = nn.Sequential(OrderedDict(
+            block1=block(in_channels, width), block2=block(width, 2 * width), head=_head(2 * width, num_classes),
+        ))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs [+ GroupNorm] with an identity (or 1x1) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout),
+        )
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout
+                         else nn.Conv2d(cin, cout, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(_Staged):
+    """CIFAR-style ResNet (He et al. 2016, section 4.2): a 3x3 stem, three stages of `depth`
+    basic blocks at widths w, 2w, 4w (the last two halve the resolution), global pooling, linear
+    head. GroupNorm instead of BatchNorm when `norm: group` (Opacus, and no site statistics mixed
+    by FedAvg). Stages: stem, stage1, stage2, stage3, head."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, depth: int = 1,
+                 norm: str = "group"):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+        def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(*(BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, norm)
+                                   for i in range(depth)))
+
+        self.body = nn.Sequential(OrderedDict(
+            stem=nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=norm == "none"),
+                               _norm(norm, width), nn.ReLU()),
+            stage1=stage(width, width, 1),
+            stage2=stage(width, 2 * width, 2),
+            stage3=stage(2 * width, 4 * width, 2),
+            head=_head(4 * width, num_classes),
+        ))
+
+
+MODELS: dict[str, type[nn.Module]] = {"shortres": ShortRes, "smallcnn": SmallCNN, "resnet": ResNet}
+# which task each model solves: dense per-pixel logits or one logit vector per image
+MODEL_TASKS = {"shortres": "segmentation", "smallcnn": "classification", "resnet": "classification"}
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

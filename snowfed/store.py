@@ -56,7 +56,7 @@ class NodeData:
     images: np.ndarray
     labels: np.ndarray
     val_images: np.ndarray
-    val_masks: np.ndarray
+    val_targets: np.ndarray
     verified: np.ndarray
 
 
@@ -93,7 +93,7 @@ class FederationStore:
             images=a["images"][train],
             labels=a["noisy"][train],
             val_images=a["images"][val],
-            val_masks=a["clean"][val],
+            val_targets=a["clean"][val],
             verified=np.isin(train, np.asarray(entry.get("verified", []), dtype=int)),
         )
 

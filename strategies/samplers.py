@@ -6,6 +6,9 @@ NHW). All randomness goes through the torch.Generator it is called with, so a ro
 reproducible from the trainer's seed. Called with `idx` (indices into its `num_images` images,
 e.g. a DP-SGD Poisson sample), it crops one tile from each of those images instead of drawing
 batch_size images.
+
+Classification nodes (one class id per image, labels of shape (N,)) draw whole images: a tile
+of an image has no label of its own. `tile_size` is then unused.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ def _crop(
 
 
 class RandomTileSampler:
-    """Uniformly random images and tile positions (SNOW's baseline sampling)."""
+    """Uniformly random images and tile positions (SNOW's baseline sampling); uniformly random
+    whole images for classification."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         if len(images) == 0:
             raise ValueError("a node needs at least one training image")
         self.images, self.labels = _to_tensors(images, labels)
+        self.whole_images = self.labels.dim() == 1
 
     @property
     def num_images(self) -> int:
@@ -51,6 +56,8 @@ class RandomTileSampler:
         tile_size = min(tile_size, h, w)
         if idx is None:
             idx = torch.randint(n, (batch_size,), generator=generator)
+        if self.whole_images:
+            return self.images[idx].float().div_(255.0), self.labels[idx]
         batch_size = len(idx)
         ys = torch.randint(h - tile_size + 1, (batch_size,), generator=generator)
         xs = torch.randint(w - tile_size + 1, (batch_size,), generator=generator)
@@ -71,6 +78,9 @@ class PositiveTileSampler:
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         if len(images) == 0:
             raise ValueError("a node needs at least one training image")
+        if np.ndim(labels) != 3:
+            raise ValueError("sampler 'positive' draws tiles around annotated pixels of masks; "
+                             "this node's labels are one class per image (use sampler 'random')")
         annotated = np.flatnonzero(np.asarray(labels).reshape(len(labels), -1).max(axis=1) > 0)
         if len(annotated) == 0:
             raise ValueError(

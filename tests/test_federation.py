@@ -47,7 +47,7 @@ def test_store_splits_and_noise(smoke_store):
     tr = noisy_node["train"]
     assert (noisy[tr] != clean[tr]).any()
     data = smoke_store.node_data(1)
-    assert np.array_equal(data.val_masks, clean[noisy_node["val"]])
+    assert np.array_equal(data.val_targets, clean[noisy_node["val"]])
     assert len(data.images) == noisy_node["num_train"]
 
 

@@ -1,0 +1,438 @@
+"""A federation cut from a loaded dataset (npz, image folders, digits): sites, splits, noise.
+
+The synthetic federation (sim.federation) renders each hospital's images; here the images exist
+and the sites are cut from them:
+
+1. the global clean test set: the dataset's own `test` split when it has one (MedMNIST), else
+   `federation.test_fraction` of it;
+2. the rest is partitioned into the hospitals (`federation.partition`: iid, dirichlet label skew,
+   quantity skew, natural silos; sim.partition, on Flower's partitioners);
+3. each site keeps `val_fraction` of its images as its clean held-out split;
+4. each site's training labels are degraded its own way: classification noise (symmetric,
+   pairflip, a transition matrix; rate fixed or drawn per site from a range), SNOW noise for
+   segmentation masks, or K simulated annotators whose votes are fused;
+5. site effects of the talk's pitfalls: a class encoded differently in the pixels at one site
+   (`shortcut`), and patient leakage, checked whatever the split level.
+
+Splits are patient-level whenever the dataset knows patients (`split_level: patient`, the
+default), so no patient sits in two splits; `split_level: image` reproduces the pitfall, and the
+leakage check in the summary then names the patients found on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
+from snowfed.data.loaders import LoadedDataset, load_dataset
+from snowfed.server.aggregation import validate_aggregation
+from snowfed.store import FederationStore, write_store
+from snowfed.strategies import StrategySpec
+
+from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
+from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
+from .federation import _failure, _noise, _strategy
+from .noise import SnowNoise, degrade_dataset
+from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
+
+FEDERATION_KEYS = ("name", "partition", "val_fraction", "test_fraction", "split_level", "hospitals")
+SITE_KEYS = ("name", "noise", "strategy", "clean_fraction", "failure", "annotators", "shortcut")
+SPLIT_LEVELS = ("patient", "image")
+FUSIONS = {"classification": ("majority", "dawid_skene"), "segmentation": ("majority", "staple")}
+SHORTCUT_EFFECTS = ("intensity", "bit_depth")
+# parts of a local strategy that only make sense on masks (tiles, pixels, objects)
+SEGMENTATION_ONLY = {"sampler": ("positive",), "loss": ("weak", "soft_weak")}
+CLASSIFICATION_ONLY = {"loss": ("coteaching",)}
+NONE_FOR_CLASSIFICATION = ("label_transform", "augmentation", "teacher")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital of a loaded-dataset federation, validated."""
+
+    name: str
+    strategy: StrategySpec
+    noise_profile: str
+    noise: dict[str, Any]  # classification: {kind, rate | [low, high], matrix}; segmentation: SNOW
+    clean_fraction: float = 0.0
+    failure: dict[str, Any] | None = None
+    annotators: dict[str, Any] | None = None  # {noise: [K specs], fusion}
+    shortcut: dict[str, Any] | None = None  # {class, effect, scale | bits}
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    name: str
+    task: str
+    dataset: LoadedDataset
+    partition: dict[str, Any]
+    val_fraction: float
+    test_fraction: float
+    split_level: str
+    seed: int
+    hospitals: list[Site]
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+
+def _class_noise(spec: Any, key: str, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """A classification noise spec: `clean`, a preset name, {preset: NAME, ...} or {kind, rate,
+    matrix}; the transition matrix is checked here (a rate range is checked, drawn later)."""
+    if spec is None or spec == "clean":
+        return "clean", {"kind": "symmetric", "rate": 0.0}
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    require(isinstance(spec, Mapping), key, spec, "a noise preset name or a mapping {kind, rate}")
+    params = dict(spec)
+    if "preset" in params:
+        preset = params.pop("preset")
+        if preset == "clean":
+            return "clean", {"kind": "symmetric", "rate": 0.0}
+        params = {**load_group_option("noise", preset, f"{key}.preset"), **params}
+    profile = str(params.pop("name", spec.get("preset", params.get("kind", "custom"))))
+    for name in params:
+        require(name in ("kind", "rate", "matrix"), f"{key}.{name}", params[name],
+                "a key of classification noise (kind, rate, matrix); SNOW presets (p_remove, sigma, "
+                "...) are for segmentation masks")
+    kind = params.get("kind")
+    require(kind in KINDS, f"{key}.kind", kind, f"one of {', '.join(KINDS)}")
+    rate = params.get("rate", 0.0)
+    draw_rate(rate, np.random.default_rng(0), f"{key}.rate")  # checks a number or a [low, high]
+    probe = rate[0] if isinstance(rate, (list, tuple)) else rate
+    transition_matrix(kind, num_classes, probe, params.get("matrix"), key=key)
+    return profile, {"kind": kind, "rate": list(rate) if isinstance(rate, (list, tuple)) else rate,
+                     **({"matrix": params["matrix"]} if kind == "matrix" else {})}
+
+
+def _seg_noise(spec: Any, key: str) -> tuple[str, dict[str, Any]]:
+    profile, noise = _noise(spec if spec is not None else "clean", key)
+    return profile, asdict(noise)
+
+
+def _annotators(spec: Any, key: str, task: str, num_classes: int) -> dict[str, Any] | None:
+    """{count: K, noise: one spec for all or a list of K, fusion}: K simulated annotators."""
+    if spec is None:
+        return None
+    require(isinstance(spec, Mapping), key, spec, "a mapping {count, noise, fusion}")
+    for name in spec:
+        require(name in ("count", "noise", "fusion"), f"{key}.{name}", spec[name],
+                "a key of annotators (count, noise, fusion)")
+    noise = spec.get("noise")
+    if isinstance(noise, (list, tuple)):
+        count = require_int(spec.get("count", len(noise)), f"{key}.count", 1)
+        require(count == len(noise), f"{key}.count", count, f"the length of {key}.noise ({len(noise)})")
+    else:
+        count = require_int(spec.get("count"), f"{key}.count", 1)
+        noise = [noise] * count
+    parse = (lambda s, k: _class_noise(s, k, num_classes)) if task == "classification" else _seg_noise
+    specs = [parse(s, f"{key}.noise[{k}]")[1] for k, s in enumerate(noise)]
+    fusion = spec.get("fusion", "majority")
+    require(fusion in FUSIONS[task], f"{key}.fusion", fusion,
+            f"one of {', '.join(FUSIONS[task])} for {task}")
+    return {"count": count, "noise": specs, "fusion": fusion}
+
+
+def _shortcut(spec: Any, key: str, task: str, num_classes: int) -> dict[str, Any] | None:
+    """{class: c, effect: intensity (scale) | bit_depth (bits)}: the site encodes class c
+    differently in its pixels, a shortcut a model can learn instead of the content."""
+    if spec is None:
+        return None
+    require(task == "classification", key, spec, "unset: the shortcut effect hides a class, so it "
+            "needs task=classification")
+    require(isinstance(spec, Mapping), key, spec, "a mapping {class, effect, scale | bits}")
+    for name in spec:
+        require(name in ("class", "effect", "scale", "bits"), f"{key}.{name}", spec[name],
+                "a key of shortcut (class, effect, scale, bits)")
+    cls = spec.get("class")
+    require(isinstance(cls, int) and not isinstance(cls, bool) and 0 <= cls < num_classes,
+            f"{key}.class", cls, f"a class id from 0 to {num_classes - 1}")
+    effect = spec.get("effect", "intensity")
+    require(effect in SHORTCUT_EFFECTS, f"{key}.effect", effect, f"one of {', '.join(SHORTCUT_EFFECTS)}")
+    if effect == "intensity":
+        scale = require_number(spec.get("scale", 0.5), f"{key}.scale", 0.0, 4.0)
+        return {"class": cls, "effect": effect, "scale": scale}
+    bits = spec.get("bits", 3)
+    require(isinstance(bits, int) and 1 <= bits <= 7, f"{key}.bits", bits, "an integer from 1 to 7")
+    return {"class": cls, "effect": effect, "bits": bits}
+
+
+def apply_shortcut(images: np.ndarray, shortcut: Mapping[str, Any]) -> np.ndarray:
+    """The site's pixels of the shortcut class: intensity range scaled, or bit depth reduced."""
+    if shortcut["effect"] == "intensity":
+        return np.clip(np.rint(images.astype(np.float32) * shortcut["scale"]), 0, 255).astype(np.uint8)
+    drop = 8 - shortcut["bits"]
+    return ((images >> drop) << drop).astype(np.uint8)
+
+
+def _check_strategy(spec: StrategySpec, key: str, task: str) -> None:
+    """Refuse parts that cannot work on this task's labels, naming the part."""
+    if task == "classification":
+        for part, names in SEGMENTATION_ONLY.items():
+            value = getattr(spec, part)
+            require(value not in names, f"{key}.{part}", value,
+                    f"not {', '.join(names)} with task=classification (it works on masks)")
+        for part in NONE_FOR_CLASSIFICATION:
+            value = getattr(spec, part)
+            require(value == "none", f"{key}.{part}", value,
+                    "none with task=classification (snowfed has it for masks only)")
+        require(spec.init != "autoencoder", f"{key}.init", spec.init,
+                "none or checkpoint with task=classification (the autoencoder needs ShortRes)")
+    else:
+        for part, names in CLASSIFICATION_ONLY.items():
+            value = getattr(spec, part)
+            require(value not in names, f"{key}.{part}", value,
+                    f"not {', '.join(names)} with task=segmentation")
+
+
+def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
+    """Validate a loaded-dataset federation: load the data (bad files fail here, before any
+    training) and check every site. `check_model(spec, key, num_classes)` checks a strategy against the model
+    (sim.federation's frozen-stage and checkpoint checks)."""
+    from .federation import _failure, _strategy
+
+    task = cfg["task"]["name"]
+    dataset = load_dataset(cfg["dataset"])
+    require(dataset.task == task, "task", task,
+            f"{dataset.task} for dataset={cfg['dataset']['name']} (its labels are "
+            f"{'class ids' if dataset.task == 'classification' else 'masks'})")
+    fed = cfg["federation"]
+    for name in fed:
+        require(name in FEDERATION_KEYS, f"federation.{name}", fed[name],
+                f"a key of a federation over a loaded dataset ({', '.join(FEDERATION_KEYS)})")
+    sites_cfg = fed.get("hospitals") or []
+    require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one hospital")
+    require_int(cfg.get("rounds"), "rounds", 1)
+    C = dataset.num_classes
+    global_noise = cfg.get("noise")
+    sites, names = [], set()
+    for i, h in enumerate(sites_cfg):
+        key = f"federation.hospitals[{i}]"
+        for name in h:
+            require(name in SITE_KEYS, f"{key}.{name}", h[name],
+                    f"a key of a hospital over a loaded dataset ({', '.join(SITE_KEYS)}; num_images "
+                    "and appearance are for dataset=synthetic: here the partition sizes the sites)")
+        name = h.get("name")
+        require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
+                "a unique non-empty name")
+        names.add(name)
+        strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
+        strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
+        _check_strategy(strategy, strategy_key, task)
+        noise_spec, noise_key = h.get("noise"), f"{key}.noise"
+        if global_noise is not None:
+            noise_spec, noise_key = {"preset": global_noise["name"], **global_noise}, "noise"
+        if task == "classification":
+            profile, noise = _class_noise(noise_spec, noise_key, C)
+        else:
+            profile, noise = _seg_noise(noise_spec, noise_key)
+        annotators = _annotators(h.get("annotators"), f"{key}.annotators", task, C)
+        if annotators is not None:
+            require(h.get("noise") in (None, "clean"), f"{key}.noise", h.get("noise"),
+                    f"unset when {key}.annotators is set (the annotators' votes are the labels)")
+            profile = f"annotators:{annotators['fusion']}"
+        sites.append(Site(
+            name=name, strategy=check_model(strategy, strategy_key, C), noise_profile=profile,
+            noise=noise,
+            clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction", 0.0, 1.0),
+            failure=_failure(h.get("failure"), f"{key}.failure"),
+            annotators=annotators,
+            shortcut=_shortcut(h.get("shortcut"), f"{key}.shortcut", task, C),
+        ))
+    part = dict(fed.get("partition") or {"scheme": "iid"})
+    scheme = part.pop("scheme", "iid")
+    require(scheme in SCHEMES, "federation.partition.scheme", scheme, f"one of {', '.join(SCHEMES)}")
+    if scheme == "natural":
+        require(dataset.site is not None, "federation.partition.scheme", scheme,
+                f"not natural: dataset={cfg['dataset']['name']} has no site of its own per image "
+                "(image_folder/seg_folder with layout: sites)")
+    split_level = fed.get("split_level", "patient")
+    require(split_level in SPLIT_LEVELS, "federation.split_level", split_level,
+            f"one of {', '.join(SPLIT_LEVELS)}")
+    validate_aggregation(cfg["aggregation"], len(sites))
+    require(cfg["aggregation"]["name"] != "quality", "aggregation.name", "quality",
+            "an aggregation other than quality with a loaded dataset (its clean server set is "
+            "generated by dataset=synthetic)")
+    plan = DatasetPlan(
+        name=str(fed.get("name", "custom")), task=task, dataset=dataset,
+        partition={"scheme": scheme, **part},
+        val_fraction=require_number(fed.get("val_fraction", 0.2), "federation.val_fraction", 0.0, 0.9),
+        test_fraction=require_number(fed.get("test_fraction", 0.2), "federation.test_fraction", 0.0, 0.9),
+        split_level=split_level, seed=require_int(cfg.get("seed"), "seed", 0), hospitals=sites,
+        skipped=list(dataset.skipped),
+    )
+    _cut(plan)  # partition and splits now: a site left empty is a config error, not a crash later
+    return plan
+
+
+def _cut(plan: DatasetPlan) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """The global test indices, and each site's train and val indices."""
+    data, seed = plan.dataset, plan.seed
+    n = len(data.images)
+    groups = data.patient if data.patient is not None else None
+    split_groups = groups if plan.split_level == "patient" else None
+    all_idx = np.arange(n)
+    if data.split is not None and np.any(data.split == "test"):
+        test, pool = all_idx[data.split == "test"], all_idx[data.split != "test"]
+    elif plan.test_fraction > 0:
+        cut = split_indices(all_idx, {"test": plan.test_fraction}, seed, groups=split_groups)
+        test, pool = cut["test"], cut["train"]
+    else:
+        test, pool = all_idx[:0], all_idx
+    require(len(test) > 0, "federation.test_fraction", plan.test_fraction,
+            "> 0 when the dataset has no test split of its own (the global model is scored there)")
+    names = [s.name for s in plan.hospitals]
+    params = {k: v for k, v in plan.partition.items() if k != "scheme"}
+    parts = partition(
+        data.targets[pool] if data.task == "classification" else np.zeros(len(pool), dtype=np.int64),
+        len(names), plan.partition["scheme"], params, seed=seed,
+        site_of=data.site[pool] if data.site is not None else None, site_names=names,
+        groups=groups[pool] if groups is not None else None, key="federation.partition",
+    )
+    sites = []
+    for i, part in enumerate(parts):
+        idx = pool[part]
+        try:
+            split = split_indices(idx, {"val": plan.val_fraction}, seed * 31 + i, groups=split_groups)
+        except ValueError as err:
+            raise ConfigError(f"federation.hospitals[{i}]", names[i],
+                              f"a site with enough images for its splits ({err})") from None
+        sites.append({"train": split["train"], "val": split.get("val", idx[:0])})
+    return test, sites
+
+
+def _degrade_classification(site: Site, clean: np.ndarray, num_classes: int, rng) -> tuple[np.ndarray, dict]:
+    if site.annotators is None:
+        rate = draw_rate(site.noise["rate"], rng, "noise.rate")
+        T = transition_matrix(site.noise["kind"], num_classes, rate, site.noise.get("matrix"))
+        noisy = apply_transition(clean, T, rng)
+        return noisy, {**measure_noise(clean, noisy, num_classes), "configured_rate": rate}
+    matrices, rates = [], []
+    for spec in site.annotators["noise"]:
+        rates.append(draw_rate(spec["rate"], rng, "annotators.noise.rate"))
+        matrices.append(transition_matrix(spec["kind"], num_classes, rates[-1], spec.get("matrix")))
+    votes = simulate_votes(clean, matrices, rng)
+    mv = majority_vote(votes, num_classes)
+    fused = mv if site.annotators["fusion"] == "majority" else dawid_skene(votes, num_classes).labels
+    return fused, {
+        **measure_noise(clean, fused, num_classes),
+        "annotators": {
+            "count": len(matrices), "fusion": site.annotators["fusion"], "configured_rates": rates,
+            "annotator_accuracy": [fused_accuracy(votes[:, k], clean) for k in range(votes.shape[1])],
+            "majority_accuracy": fused_accuracy(mv, clean),
+            "fused_accuracy": fused_accuracy(fused, clean),
+        },
+    }
+
+
+def _degrade_segmentation(site: Site, instances: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
+    clean = (instances > 0).astype(np.uint8)
+    if site.annotators is None:
+        return degrade_dataset(instances, SnowNoise(**site.noise), seed=seed)
+    masks = np.stack([degrade_dataset(instances, SnowNoise(**spec), seed=seed * 11 + k)[0]
+                      for k, spec in enumerate(site.annotators["noise"])])
+    fused = pixel_majority(masks) if site.annotators["fusion"] == "majority" else staple(masks).mask
+    fused = fused.astype(np.uint8)
+    return fused, {
+        "pixel_disagreement": float(np.mean(fused != clean)),
+        "annotators": {
+            "count": len(masks), "fusion": site.annotators["fusion"],
+            "annotator_accuracy": [fused_accuracy(m, clean) for m in masks],
+            "majority_accuracy": fused_accuracy(pixel_majority(masks), clean),
+            "fused_accuracy": fused_accuracy(fused, clean),
+        },
+    }
+
+
+def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
+    """Cut the sites, degrade each site's training labels, apply site effects, check leakage,
+    and write the run's one federation store."""
+    data, task = plan.dataset, plan.task
+    C = data.num_classes
+    test, cuts = _cut(plan)
+    images = data.images.copy()  # the store's one copy; a shortcut site changes its own rows
+    clean = data.targets if task == "classification" else (data.targets > 0).astype(np.uint8)
+    noisy = clean.copy()
+    extra_images, extra_targets, nodes = [], [], []
+    next_row = len(images)
+    for i, (site, cut) in enumerate(zip(plan.hospitals, cuts)):
+        train, val = cut["train"], cut["val"]
+        n_verified = int(round(site.clean_fraction * len(train)))
+        degraded = train[n_verified:]
+        rng = np.random.default_rng([plan.seed, 104729, i])
+        if task == "classification":
+            labels, stats = _degrade_classification(site, data.targets[degraded], C, rng)
+        else:
+            labels, stats = _degrade_segmentation(site, data.targets[degraded], plan.seed * 104729 + i)
+        noisy[degraded] = labels
+        entry: dict[str, Any] = {
+            "name": site.name, "train": train.tolist(), "val": val.tolist(),
+            "verified": train[:n_verified].tolist(), "num_train": len(train), "num_val": len(val),
+            "noise_profile": site.noise_profile, "noise": site.annotators or site.noise,
+            "label_noise": stats, "strategy": asdict(site.strategy),
+            **({"failure": site.failure} if site.failure else {}),
+        }
+        if task == "classification":
+            entry["class_histogram"] = class_histogram(clean, np.concatenate([train, val]), C)
+        if data.patient is not None:
+            entry["patients"] = len(np.unique(data.patient[np.concatenate([train, val])]))
+        if site.shortcut is not None:
+            rows = np.concatenate([train, val])
+            rows = rows[clean[rows] == site.shortcut["class"]]
+            plain_val = val[clean[val] == site.shortcut["class"]]
+            images[rows] = apply_shortcut(data.images[rows], site.shortcut)
+            # the site's val images as they would look without the shortcut (the trap's check)
+            extra_images.append(data.images[val]), extra_targets.append(clean[val])
+            entry["shortcut"] = {**site.shortcut, "images": len(rows), "val_with_class": len(plain_val),
+                                 "val_plain": list(range(next_row, next_row + len(val)))}
+            next_row += len(val)
+        nodes.append(entry)
+    if extra_images:
+        images = np.concatenate([images, *extra_images])
+        clean = np.concatenate([clean, *extra_targets])
+        noisy = np.concatenate([noisy, *extra_targets])
+    manifest = {
+        "federation": plan.name, "task": task, "seed": plan.seed,
+        "image_size": int(images.shape[1]), "num_classes": C, "class_names": list(data.class_names),
+        "model": dict(cfg["model"]), "rounds": int(cfg["rounds"]), "privacy": dict(cfg["privacy"]),
+        "test": test.tolist(), "server_val": [], "nodes": nodes,
+        "data": _data_report(plan, cfg["dataset"], test, cuts),
+    }
+    return FederationStore(write_store(path, {"images": images, "clean": clean, "noisy": noisy}, manifest))
+
+
+def _data_report(plan: DatasetPlan, dataset_cfg: Mapping[str, Any], test: np.ndarray,
+                 cuts: list[dict[str, np.ndarray]]) -> dict:
+    """What the summary says of the data: source, skipped files, the patient-leakage check."""
+    data = plan.dataset
+    report: dict[str, Any] = {
+        "dataset": dataset_cfg["name"], "path": dataset_cfg.get("path"),
+        "num_images": len(data.images), "num_test": len(test),
+        "partition": plan.partition, "skipped": len(plan.skipped), "skipped_files": plan.skipped,
+    }
+    if data.patient is not None:
+        train = np.concatenate([c["train"] for c in cuts])
+        between_sites = {}
+        for i, ci in enumerate(cuts):
+            for cj in cuts[i + 1:]:
+                shared = leakage(data.patient, np.concatenate([ci["train"], ci["val"]]),
+                                 np.concatenate([cj["train"], cj["val"]]))
+                if shared:
+                    between_sites.setdefault(plan.hospitals[i].name, []).extend(shared)
+        train_test = leakage(data.patient, train, test)
+        train_val = {plan.hospitals[i].name: leakage(data.patient, c["train"], c["val"])
+                     for i, c in enumerate(cuts)}
+        report["leakage"] = {
+            "split_level": plan.split_level,
+            "train_test": train_test,
+            "train_val": {k: v for k, v in train_val.items() if v},
+            "patients_in_two_sites": between_sites,
+            "leaked_patients": len(set(train_test) | {p for v in train_val.values() for p in v}),
+        }
+    return report
