@@ -58,6 +58,7 @@ class _Node:
     failure: dict[str, Any] | None
     dp: DPSettings | None = None  # DP-SGD settings when the federation runs privacy=dp_sgd
     memory: dict[str, Any] = field(default_factory=dict)
+    saved: dict[str, Any] = field(default_factory=dict)  # the memory entries as last written
 
 
 _NODES: dict[tuple[str, int], _Node] = {}
@@ -115,18 +116,20 @@ def _node(msg: Message, context: Context) -> _Node:
         node = _Node(partition_id, data, strategy, model, device, memory_dir, entry.get("failure"), dp)
         for file in sorted(memory_dir.glob("*.pt")):
             node.memory[file.stem] = torch.load(file, map_location="cpu", weights_only=True)
+            node.saved[file.stem] = node.memory[file.stem]
         _NODES[key] = node
     return _NODES[key]
 
 
 def _save_memory(node: _Node) -> None:
-    """Write memory entries the strategy created this round (each is written once)."""
+    """Write the memory entries the strategy created or replaced this round (a part that
+    updates its state, like co-teaching's peer, puts a new object in memory)."""
     for name, state in node.memory.items():
-        path = node.memory_dir / f"{name}.pt"
-        if not path.exists():
+        if node.saved.get(name) is not state:
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-            atomic_write_bytes(path, buffer.getvalue())
+            atomic_write_bytes(node.memory_dir / f"{name}.pt", buffer.getvalue())
+            node.saved[name] = state
 
 
 def _load_global(node: _Node, msg: Message) -> None:

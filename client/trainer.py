@@ -44,7 +44,8 @@ def train_locally(
     received = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
     )
-    trainable = strategy.start_round(model, {} if memory is None else memory, generator, device)
+    memory = {} if memory is None else memory
+    trainable = strategy.start_round(model, memory, generator, device)
     anchors = [(p, received[n]) for n, p in model.named_parameters() if p.requires_grad and received]
     model.train()
     optimizer = strategy.optimizer(trainable)
@@ -64,6 +65,7 @@ def train_locally(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    strategy.end_round(memory)
     return _stats(losses, strategy)
 
 

@@ -171,6 +171,8 @@ class LocalStrategy:
             else:
                 model.load_state_dict({k: memory[INIT_KEY][k] for k in frozen}, strict=False)
         self.teacher.prepare(model, memory, self, generator, device)
+        if getattr(self.loss, "needs_inputs", False):
+            self.loss.start_round(model, memory, generator, spec.lr, OPTIMIZERS[spec.optimizer], device)
         frozen_set = set(frozen)
         trainable = []
         for name, param in model.named_parameters():
@@ -191,7 +193,14 @@ class LocalStrategy:
         x, y = self.batch(generator, device, idx)
         y, teacher_logits = self.teacher.relabel(x, y)
         logits = model(x)
-        return self.loss(logits, y) + self.teacher.extra_loss(logits, teacher_logits)
+        loss = self.loss(logits, y, x) if getattr(self.loss, "needs_inputs", False) else self.loss(logits, y)
+        return loss + self.teacher.extra_loss(logits, teacher_logits)
+
+    def end_round(self, memory: dict[str, Any]) -> None:
+        """After the round's steps: parts that learn alongside the model (co-teaching's peer)
+        put their new state in the node's memory."""
+        if hasattr(self.loss, "end_round"):
+            self.loss.end_round(memory)
 
     def batch(
         self,

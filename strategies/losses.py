@@ -1,4 +1,6 @@
-"""Losses of local strategies: (logits NCHW, labels NHW int64) -> scalar tensor.
+"""Losses of local strategies: (logits NCHW, labels NHW int64) -> scalar tensor, or for
+classification (logits NC, labels N): cross_entropy, gce, sce and bootstrap work on both.
+`coteaching` (strategies.coteaching) also takes the batch's images: it trains a peer network.
 
 Each registry entry is a `Part` whose factory takes the validated parameters and returns the
 loss callable. Labels are class indices (0 = background); a pixel is annotated when label > 0.
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 
 from snowfed.models import tile_scores
 
-from .parts import Param, Part, choice, number
+from .coteaching import CoTeaching
+from .parts import Param, Part, choice, integer, number
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,6 +133,8 @@ LOSSES: dict[str, Part] = {
     "bootstrap": Part(
         bootstrap, {"beta": Param(0.95, number(0.0, 1.0)), "mode": Param("soft", choice("soft", "hard"))}
     ),
+    "coteaching": Part(CoTeaching, {"forget_rate": Param(0.2, number(0.0, 0.95)),
+                                    "warmup_steps": Param(100, integer(1))}),
     "weak": Part(weak, {"threshold": THRESHOLD}),
     "soft_weak": Part(soft_weak, {"threshold": THRESHOLD}),
 }
