@@ -436,3 +436,42 @@ def _data_report(plan: DatasetPlan, dataset_cfg: Mapping[str, Any], test: np.nda
             "leaked_patients": len(set(train_test) | {p for v in train_val.values() for p in v}),
         }
     return report
+
+
+def shortcut_report(store: FederationStore, model) -> dict[str, dict[str, Any]]:
+    """For each shortcut site: the model's scores on its clean held-out split as the site's
+    scanner shows it (shortcut on) and as another site's would (shortcut removed). A model that
+    learned the shortcut instead of the content loses accuracy on the second, above all on the
+    shortcut class (`class_accuracy_*`)."""
+    from snowfed.evaluation import evaluate
+
+    images, clean = store.arrays["images"], store.arrays["clean"]
+    report = {}
+    for node in store.nodes:
+        shortcut = node.get("shortcut")
+        if shortcut is None or not node["val"]:
+            continue
+        val, plain = np.asarray(node["val"]), np.asarray(shortcut["val_plain"])
+        targets = np.asarray(clean[val])
+        of_class = targets == shortcut["class"]
+        entry = {}
+        for name, rows in (("with_shortcut", val), ("shortcut_removed", plain)):
+            scores = evaluate(model, images[rows], targets)
+            entry[f"accuracy_{name}"] = scores["accuracy"]
+            entry[f"f1_{name}"] = scores["f1"]
+            entry[f"class_accuracy_{name}"] = (
+                float(np.mean(model_predictions(model, images[rows[of_class]]) == shortcut["class"]))
+                if of_class.any() else None)
+        report[node["name"]] = {**{k: shortcut[k] for k in shortcut if k != "val_plain"}, **entry}
+    return report
+
+
+def model_predictions(model, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    from snowfed.evaluation import images_to_tensor
+
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(images_to_tensor(images).to(device)).argmax(dim=1).cpu().numpy()

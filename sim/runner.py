@@ -21,6 +21,7 @@ from snowfed.plots import plot_f1_per_round
 from snowfed.progress import RoundProgress
 from snowfed.rundir import (
     CONFIG,
+    FINAL_MODEL,
     METRICS,
     SUMMARY,
     atomic_write_json,
@@ -112,9 +113,30 @@ def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | 
              for name, n in summary["nodes"].items() if "epsilon" in n.get("final_train", {})}
     if spent:
         summary["privacy"] = spent
+    if "data" in store.manifest:  # a loaded dataset: source, skipped files, leakage check
+        summary["data"] = store.manifest["data"]
+    shortcut = _shortcut_summary(run_dir, store)
+    if shortcut:
+        summary["shortcut"] = shortcut
     atomic_write_json(run_dir / SUMMARY, summary)
     plot_f1_per_round(records, run_dir / F1_PLOT, {n: f["noise_profile"] for n, f in facts.items()})
     return summary
+
+
+def _shortcut_summary(run_dir: Path, store) -> dict:
+    """The final model at each shortcut site, with and without the shortcut (the trap shown)."""
+    if not any("shortcut" in n for n in store.nodes) or not (run_dir / FINAL_MODEL).is_file():
+        return {}
+    import torch
+
+    from snowfed.server.app import build_global_model
+
+    from .dataset_sites import shortcut_report
+
+    cfg = store.manifest
+    model = build_global_model(cfg["model"], cfg["num_classes"], int(cfg["seed"]))
+    model.load_state_dict(torch.load(run_dir / FINAL_MODEL, map_location="cpu", weights_only=True))
+    return shortcut_report(store, model)
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose, sweep_size
+from snowfed.data.loaders import DataError
 
 USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
 
@@ -43,6 +44,7 @@ Config groups: task dataset model federation noise strategy aggregation privacy 
 SWEEP_ENV = "SNOWFED_SWEEP"  # "<jobs> <start time>" of the running sweep, for its progress line
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
+BAD_INPUT = (ConfigError, DataError)  # a config key or a data file that cannot work
 EXIT_INTERRUPTED = 130
 
 
@@ -129,7 +131,7 @@ def prepare_command(args: list[str]) -> int:
             raise ConfigError("DIR", str(out), "a new or empty folder")
         cfg = plain_config(compose(overrides))
         plan = validate(cfg)
-    except ConfigError as err:
+    except BAD_INPUT as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     store = build_store(plan, cfg, out)
@@ -149,7 +151,7 @@ def run_command(args: list[str]) -> int:
         check_group_overrides(overrides)
         if not multirun:
             validate(plain_config(compose(overrides)))
-    except ConfigError as err:
+    except BAD_INPUT as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if multirun:  # the jobs print their place in the sweep and the time left
@@ -173,7 +175,7 @@ def resume_command(overrides: list[str]) -> int:
     with _interrupt_exits():
         try:
             summary = resume(run_dir, values)
-        except ConfigError as err:
+        except BAD_INPUT as err:
             print(f"snowfed: {err}", file=sys.stderr)
             return EXIT_BAD_CONFIG
     _print_outcome(summary, run_dir)

@@ -128,15 +128,20 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         roc_auc_score,
     )
 
+    import warnings
+
     labels = np.asarray(labels)
     classes = list(range(probs.shape[1]))
     pred = probs.argmax(axis=1)
     present = [c for c in classes if 0 < np.count_nonzero(labels == c) < len(labels)]
     aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present]
     macro = {"labels": classes, "average": "macro", "zero_division": 0}
+    with warnings.catch_warnings():  # a small split may lack a class the model predicts
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(labels, pred))
     return {
         "accuracy": float(accuracy_score(labels, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "balanced_accuracy": balanced,
         "f1": float(f1_score(labels, pred, **macro)),
         "precision": float(precision_score(labels, pred, **macro)),
         "recall": float(recall_score(labels, pred, **macro)),
