@@ -34,8 +34,8 @@ from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .federation import _failure, _noise, _strategy
+from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .noise import SnowNoise, degrade_dataset
 from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
 
@@ -195,7 +195,6 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     """Validate a loaded-dataset federation: load the data (bad files fail here, before any
     training) and check every site. `check_model(spec, key, num_classes)` checks a strategy against the model
     (sim.federation's frozen-stage and checkpoint checks)."""
-    from .federation import _failure, _strategy
 
     task = cfg["task"]["name"]
     dataset = load_dataset(cfg["dataset"])
@@ -205,7 +204,8 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     fed = cfg["federation"]
     for name in fed:
         require(name in FEDERATION_KEYS, f"federation.{name}", fed[name],
-                f"a key of a federation over a loaded dataset ({', '.join(FEDERATION_KEYS)})")
+                f"a key of a federation over a loaded dataset ({', '.join(FEDERATION_KEYS)}; "
+                "test_images_per_site, num_images and appearance are for dataset=synthetic)")
     sites_cfg = fed.get("hospitals") or []
     require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
@@ -245,7 +245,8 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
             annotators=annotators,
             shortcut=_shortcut(h.get("shortcut"), f"{key}.shortcut", task, C),
         ))
-    part = dict(fed.get("partition") or {"scheme": "iid"})
+    # unset (null) keys are left to the partitioner's defaults, so one yaml lists them all
+    part = {k: v for k, v in (fed.get("partition") or {}).items() if v is not None}
     scheme = part.pop("scheme", "iid")
     require(scheme in SCHEMES, "federation.partition.scheme", scheme, f"one of {', '.join(SCHEMES)}")
     if scheme == "natural":

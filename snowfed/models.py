@@ -197,7 +197,8 @@ class SmallCNN(_Staged):
     head on globally pooled features: the small CNN of Flower's quickstarts, size-agnostic.
     Stages: block1, block2, head."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32, norm: str = "none"):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32,
+                 norm: str = "none"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -205,11 +206,14 @@ class SmallCNN(_Staged):
         def block(cin: int, cout: int) -> nn.Sequential:
             layers = []
             for c in (cin, cout):
-                layers += [nn.Conv2d(c, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU()]
+                conv = nn.Conv2d(c, cout, 3, padding=1, bias=norm == "none")
+                layers += [conv, _norm(norm, cout), nn.ReLU()]
             return nn.Sequential(*layers, nn.MaxPool2d(2, ceil_mode=True))
 
         self.body = nn.Sequential(OrderedDict(
-            block1=block(in_channels, width), block2=block(width, 2 * width), head=_head(2 * width, num_classes),
+            block1=block(in_channels, width),
+            block2=block(width, 2 * width),
+            head=_head(2 * width, num_classes),
         ))
 
 
@@ -219,7 +223,9 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm: str):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU(),
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=norm == "none"),
+            _norm(norm, cout),
+            nn.ReLU(),
             nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout),
         )
         self.shortcut = (nn.Identity() if stride == 1 and cin == cout
