@@ -119,6 +119,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     """Accuracy, balanced accuracy, macro F1 (as ``f1``, the key every report ranks by), macro
     precision and recall, and macro one-vs-rest ROC AUC over the classes that have both positives
     and negatives in `labels` (nan when none has). `probs` is (N, C) class probabilities."""
+    import warnings
+
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
@@ -127,8 +129,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         recall_score,
         roc_auc_score,
     )
-
-    import warnings
 
     labels = np.asarray(labels)
     classes = list(range(probs.shape[1]))
