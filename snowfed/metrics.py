@@ -14,6 +14,7 @@ Precision, recall and MCC are pooled, like ``f1``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,8 +120,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     """Accuracy, balanced accuracy, macro F1 (as ``f1``, the key every report ranks by), macro
     precision and recall, and macro one-vs-rest ROC AUC over the classes that have both positives
     and negatives in `labels` (nan when none has). `probs` is (N, C) class probabilities."""
-    import warnings
-
     from sklearn.metrics import (
         accuracy_score,
         balanced_accuracy_score,
