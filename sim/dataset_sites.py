@@ -22,7 +22,7 @@ leakage check in the summary then names the patients found on both sides.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,8 @@ class DatasetPlan:
     seed: int
     hospitals: list[Site]
     skipped: list[dict] = field(default_factory=list)
+    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # global test rows
+    cuts: list[dict[str, np.ndarray]] = field(default_factory=list)  # each site's train / val rows
 
     @property
     def num_classes(self) -> int:
@@ -268,8 +270,9 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
         split_level=split_level, seed=require_int(cfg.get("seed"), "seed", 0), hospitals=sites,
         skipped=list(dataset.skipped),
     )
-    _cut(plan)  # partition and splits now: a site left empty is a config error, not a crash later
-    return plan
+    # partition and splits now: a site left empty is a config error, not a crash later
+    test, cuts = _cut(plan)
+    return replace(plan, test=test, cuts=cuts)
 
 
 def _cut(plan: DatasetPlan) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
@@ -356,7 +359,7 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
     and write the run's one federation store."""
     data, task = plan.dataset, plan.task
     C = data.num_classes
-    test, cuts = _cut(plan)
+    test, cuts = plan.test, plan.cuts
     images = data.images.copy()  # the store's one copy; a shortcut site changes its own rows
     clean = data.targets if task == "classification" else (data.targets > 0).astype(np.uint8)
     noisy = clean.copy()

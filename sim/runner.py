@@ -37,6 +37,7 @@ from snowfed.server.privacy import CENTRAL
 from snowfed.server.privacy import PARAMS as CENTRAL_PARAMS
 from snowfed.server.quality import quality_report
 from snowfed.store import FederationStore
+from snowfed.tracking import RunTracking, validate_logger
 
 from .federation import build_store, node_facts, resolve_federation
 
@@ -64,6 +65,7 @@ def validate(cfg: Mapping[str, Any]):
     """Every check that can fail, before any data is generated or Ray starts."""
     plan = resolve_federation(cfg)  # the aggregation's keys and site counts included
     backend_config(cfg["backend"])
+    validate_logger(cfg)
     _validate_privacy(cfg, plan)
     aggregation = cfg["aggregation"]["name"]
     steps = require_int(cfg.get("personalize_steps", 0), "personalize_steps", 0)
@@ -298,6 +300,12 @@ def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str,
         plan, store = prepare(cfg, run_dir)
     _quiet_flower(verbose=bool(cfg.get("verbose", False)))
     progress = RoundProgress(cfg["rounds"])
+    tracking = RunTracking(cfg, run_dir, resuming)  # logger=...; never stops the run
+
+    def on_round(rnd: int, global_metrics: dict, node_f1: dict[str, float]) -> None:
+        progress.update(rnd, global_metrics, node_f1)
+        tracking.on_round(rnd, global_metrics, node_f1)
+
     earlier = _earlier_wall_time(run_dir) if resuming else 0.0
     start = time.monotonic()
     status, reason = "failed", None
@@ -305,9 +313,9 @@ def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str,
         if cfg["aggregation"]["name"] in REFERENCES:
             from .reference import run_reference
 
-            result = run_reference(cfg, store, run_dir, progress.update)
+            result = run_reference(cfg, store, run_dir, on_round)
         else:
-            result = _simulate(cfg, plan, store, run_dir, progress)
+            result = _simulate(cfg, plan, store, run_dir, on_round)
         if result is not None and result.rounds_completed == cfg["rounds"]:
             status = "completed"
         else:
@@ -321,7 +329,11 @@ def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str,
         reason = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        summary = finish(run_dir, store, status, earlier + time.monotonic() - start, reason)
+        summary = {"status": status, "reason": reason}
+        try:
+            summary = finish(run_dir, store, status, earlier + time.monotonic() - start, reason)
+        finally:
+            tracking.close(summary)
     return summary
 
 
@@ -334,7 +346,7 @@ def _earlier_wall_time(run_dir: Path) -> float:
         return 0.0
 
 
-def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, progress: RoundProgress):
+def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
     """The federation under Flower's simulation engine (Ray backend); the server's result."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -348,7 +360,7 @@ def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, progress: RoundPr
     @server_app.main()
     def main(grid, context) -> None:
         try:
-            outcome["result"] = run_federation(grid, cfg, store, run_dir, progress.update)
+            outcome["result"] = run_federation(grid, cfg, store, run_dir, on_round)
         except Exception as exc:  # Flower only logs a ServerApp's exception; raise it here
             outcome["error"] = exc
 

@@ -23,6 +23,7 @@ GROUPS = (
     "aggregation",
     "privacy",
     "backend",
+    "logger",
     "experiment",
 )
 
