@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
+from snowfed.config import (
+    ConfigError,
+    load_group_option,
+    require,
+    require_int,
+    require_keys,
+    require_number,
+)
 from snowfed.data.loaders import LoadedDataset, load_dataset
 from snowfed.server.aggregation import validate_aggregation
 from snowfed.store import FederationStore, write_store
@@ -99,10 +106,8 @@ def _class_noise(spec: Any, key: str, num_classes: int) -> tuple[str, dict[str, 
             return "clean", {"kind": "symmetric", "rate": 0.0}
         params = {**load_group_option("noise", preset, f"{key}.preset"), **params}
     profile = str(params.pop("name", spec.get("preset", params.get("kind", "custom"))))
-    for name in params:
-        require(name in ("kind", "rate", "matrix"), f"{key}.{name}", params[name],
-                "a key of classification noise (kind, rate, matrix); SNOW presets (p_remove, sigma, "
-                "...) are for segmentation masks")
+    require_keys(params, ("kind", "rate", "matrix"), key, "a key of classification noise",
+                 "SNOW presets (p_remove, sigma, ...) are for segmentation masks")
     kind = params.get("kind")
     require(kind in KINDS, f"{key}.kind", kind, f"one of {', '.join(KINDS)}")
     rate = params.get("rate", 0.0)
@@ -123,9 +128,7 @@ def _annotators(spec: Any, key: str, task: str, num_classes: int) -> dict[str, A
     if spec is None:
         return None
     require(isinstance(spec, Mapping), key, spec, "a mapping {count, noise, fusion}")
-    for name in spec:
-        require(name in ("count", "noise", "fusion"), f"{key}.{name}", spec[name],
-                "a key of annotators (count, noise, fusion)")
+    require_keys(spec, ("count", "noise", "fusion"), key, "a key of annotators")
     noise = spec.get("noise")
     if isinstance(noise, (list, tuple)):
         count = require_int(spec.get("count", len(noise)), f"{key}.count", 1)
@@ -149,9 +152,7 @@ def _shortcut(spec: Any, key: str, task: str, num_classes: int) -> dict[str, Any
     require(task == "classification", key, spec, "unset: the shortcut effect hides a class, so it "
             "needs task=classification")
     require(isinstance(spec, Mapping), key, spec, "a mapping {class, effect, scale | bits}")
-    for name in spec:
-        require(name in ("class", "effect", "scale", "bits"), f"{key}.{name}", spec[name],
-                "a key of shortcut (class, effect, scale, bits)")
+    require_keys(spec, ("class", "effect", "scale", "bits"), key, "a key of shortcut")
     cls = spec.get("class")
     require(isinstance(cls, int) and not isinstance(cls, bool) and 0 <= cls < num_classes,
             f"{key}.class", cls, f"a class id from 0 to {num_classes - 1}")
@@ -204,10 +205,8 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
             f"{dataset.task} for dataset={cfg['dataset']['name']} (its labels are "
             f"{'class ids' if dataset.task == 'classification' else 'masks'})")
     fed = cfg["federation"]
-    for name in fed:
-        require(name in FEDERATION_KEYS, f"federation.{name}", fed[name],
-                f"a key of a federation over a loaded dataset ({', '.join(FEDERATION_KEYS)}; "
-                "test_images_per_site, num_images and appearance are for dataset=synthetic)")
+    require_keys(fed, FEDERATION_KEYS, "federation", "a key of a federation over a loaded dataset",
+                 "test_images_per_site, num_images and appearance are for dataset=synthetic")
     sites_cfg = fed.get("hospitals") or []
     require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
@@ -216,10 +215,8 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     sites, names = [], set()
     for i, h in enumerate(sites_cfg):
         key = f"federation.hospitals[{i}]"
-        for name in h:
-            require(name in SITE_KEYS, f"{key}.{name}", h[name],
-                    f"a key of a hospital over a loaded dataset ({', '.join(SITE_KEYS)}; num_images "
-                    "and appearance are for dataset=synthetic: here the partition sizes the sites)")
+        require_keys(h, SITE_KEYS, key, "a key of a hospital over a loaded dataset", "num_images "
+                     "and appearance are for dataset=synthetic: here the partition sizes the sites")
         name = h.get("name")
         require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
                 "a unique non-empty name")

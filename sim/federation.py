@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from snowfed.config import ConfigError, load_group_option, require, require_int, require_number
+from snowfed.config import (
+    ConfigError,
+    load_group_option,
+    require,
+    require_int,
+    require_keys,
+    require_number,
+)
 from snowfed.data.synthetic import Appearance, generate
 from snowfed.models import MODEL_TASKS, MODELS, build_model
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
@@ -58,9 +65,7 @@ def _noise(spec: Any, key: str) -> tuple[str, SnowNoise]:
     else:
         params = dict(spec)
     name = str(params.pop("name", spec.get("preset", "custom")))
-    for field in params:
-        require(field in NOISE_FIELDS, f"{key}.{field}", params[field],
-                f"a noise parameter ({', '.join(NOISE_FIELDS)})")
+    require_keys(params, NOISE_FIELDS, key, "a noise parameter")
     noise = SnowNoise(
         p_remove=require_number(params.get("p_remove", 0.0), f"{key}.p_remove", 0.0, 1.0),
         sigma=require_number(params.get("sigma", 0.0), f"{key}.sigma", low=0.0),
@@ -83,9 +88,7 @@ def _strategy(spec: Any, default: Mapping[str, Any], key: str) -> StrategySpec:
 
 def _appearance(spec: Any, key: str) -> Appearance:
     spec = dict(spec or {})
-    for field in spec:
-        require(field in APPEARANCE_FIELDS, f"{key}.{field}", spec[field],
-                f"a field of Appearance ({', '.join(APPEARANCE_FIELDS)})")
+    require_keys(spec, APPEARANCE_FIELDS, key, "a field of Appearance")
     for field in ("stain_strength", "blur_sigma", "noise_std", "brightness"):
         if field in spec:
             require_number(spec[field], f"{key}.{field}", low=0.0)
@@ -100,9 +103,7 @@ def _failure(spec: Any, key: str) -> dict[str, Any] | None:
     if spec is None:
         return None
     require(isinstance(spec, Mapping), key, spec, "a mapping {rounds: [...], mode: raise|stall}")
-    for field in spec:
-        require(field in ("rounds", "mode", "stall_s"), f"{key}.{field}", spec[field],
-                "one of rounds, mode, stall_s")
+    require_keys(spec, ("rounds", "mode", "stall_s"), key, "a key of failure")
     listed = spec.get("rounds")
     require(isinstance(listed, (list, tuple)) and len(listed) > 0, f"{key}.rounds", listed,
             "a non-empty list of round numbers")

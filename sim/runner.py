@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from snowfed.config import ConfigError, require, require_int, require_number
+from snowfed.config import ConfigError, require, require_int, require_keys, require_number
 from snowfed.plots import plot_f1_per_round
 from snowfed.progress import RoundProgress
 from snowfed.rundir import (
@@ -181,8 +181,7 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
     if name in CENTRAL:
         _validate_central_dp(cfg)
         return
-    for key in privacy:
-        require(key in DP_KEYS, f"privacy.{key}", privacy[key], f"a key of dp_sgd ({', '.join(DP_KEYS)})")
+    require_keys(privacy, DP_KEYS, "privacy", "a key of dp_sgd")
     if privacy.get("target_epsilon") is None:
         require_number(privacy.get("noise_multiplier"), "privacy.noise_multiplier", low=0.0)
         require(privacy["noise_multiplier"] > 0, "privacy.noise_multiplier",
@@ -220,8 +219,7 @@ def _validate_central_dp(cfg: Mapping[str, Any]) -> None:
     privacy = cfg["privacy"]
     name = privacy["name"]
     allowed = ("name", "side", "delta", *CENTRAL_PARAMS[name])
-    for key in privacy:
-        require(key in allowed, f"privacy.{key}", privacy[key], f"a key of {name} ({', '.join(allowed)})")
+    require_keys(privacy, allowed, "privacy", f"a key of {name}")
     require(privacy.get("side") in ("server", "client"), "privacy.side", privacy.get("side"),
             "server or client (who clips the updates)")
     require_number(privacy.get("noise_multiplier"), "privacy.noise_multiplier", low=0.0)

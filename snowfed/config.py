@@ -6,7 +6,7 @@ user sees one paragraph before any data is generated or Ray starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -105,6 +105,15 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ConfigError(key, value, allowed) unless `ok`."""
     if not ok:
         raise ConfigError(key, value, allowed)
+
+
+def require_keys(given: Mapping[str, Any], allowed: Sequence[str], key: str, what: str,
+                 note: str = "") -> None:
+    """Refuse a key of the mapping at `key` that is not `allowed`: ConfigError naming
+    `<key>.<name>`, saying it must be `what` and listing the allowed keys (then `note`)."""
+    for name in given:
+        require(name in allowed, f"{key}.{name}", given[name],
+                f"{what} ({', '.join(allowed)}{'; ' + note if note else ''})")
 
 
 def require_int(value: Any, key: str, minimum: int) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from snowfed.config import ConfigError, require, require_int
+from snowfed.config import ConfigError, require, require_int, require_keys
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLITS = ("train", "val", "test")
@@ -76,8 +76,7 @@ def _options(cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, A
     """The loader's options: cfg over defaults; a key the loader does not know is a ConfigError."""
     name = cfg.get("name")
     known = ["name", *defaults]
-    for key in cfg:
-        require(key in known, f"dataset.{key}", cfg[key], f"a key of dataset {name} ({', '.join(known)})")
+    require_keys(cfg, known, "dataset", f"a key of dataset {name}")
     return {key: cfg.get(key, default) for key, default in defaults.items()}
 
 
