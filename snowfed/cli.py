@@ -32,7 +32,9 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
   report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
              final global metric over the completed runs under DIR, grouped by two config keys
              (defaults strategy.name x noise.name, f1) and a pairwise Wilcoxon score of the
-             rows; writes report.md and report.csv;
+             rows; writes report.md, report.csv and three plots: metric_per_round.png,
+             metric_vs_noise.png (--noise-key KEY: a numeric config key as the noise level,
+             default the measured label noise) and quality_quantity.png;
              --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
   prepare    DIR [OVERRIDE ...]: validate the config and write its federation store to DIR,
              without training: the data of a real deployment's rehearsal (docs/deployment.md)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_command(args: list[str]) -> int:
     import argparse
 
-    from snowfed.sim.report import build_table, find_runs, pairwise_score, write_report
+    from snowfed.sim.report import build_table, find_runs, pairwise_score, write_plots, write_report
 
     parser = argparse.ArgumentParser(prog="snowfed report")
     parser.add_argument("dirs", nargs="+", help="run or sweep directories")
@@ -76,7 +78,13 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("--metric", default="f1", help="final global metric (f1, dice, mcc, ...)")
     parser.add_argument("--row-order", default="", help="comma-separated row labels, in order")
     parser.add_argument("--col-order", default="", help="comma-separated column labels, in order")
-    parser.add_argument("--out", help="where report.md and report.csv go (default: the first DIR)")
+    parser.add_argument("--out", help="where report.md, report.csv and the plots go (default: the "
+                        "first DIR)")
+    parser.add_argument("--noise-key", metavar="KEY", help="the noise level of metric_vs_noise.png: "
+                        "a numeric config key (e.g. noise.p_remove, "
+                        "federation.hospitals.1.noise.rate); default: the run's measured label "
+                        "noise, 1 - label F1 (segmentation) or the flip rate (classification), "
+                        "num_train-weighted mean over sites")
     parser.add_argument("--privacy-plot", metavar="KEY", help="also plot the metric against the "
                         "epsilon spent, one series per value of config KEY (e.g. "
                         "privacy.noise_multiplier): privacy_utility.png")
@@ -97,7 +105,8 @@ def report_command(args: list[str]) -> int:
         return 1
     out = Path(opts.out or opts.dirs[0])
     score = pairwise_score(runs, opts.rows, opts.cols, opts.metric)
-    md, csv_path = write_report(table, out, score)
+    plots = write_plots(runs, table, out, opts.noise_key)
+    md, csv_path = write_report(table, out, score, plots)
     if opts.privacy_plot:
         from snowfed.plots import plot_metric_against_epsilon
         from snowfed.sim.report import Cell, privacy_utility
@@ -111,6 +120,11 @@ def report_command(args: list[str]) -> int:
         print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
     print(score.markdown(), end="")
+    for line in plots[2:]:  # report.md's plot section: a caption and image, or why not drawn
+        if line.startswith("!["):
+            print(f"  wrote {out / line[line.index('](') + 2 : -1]}")
+        elif line:
+            print(line)
     print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
           f"skipped); wrote {md} and {csv_path}")
     return 0

@@ -88,3 +88,177 @@ def plot_metric_against_epsilon(
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _save(fig, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+UNIT_LIMITS = (-0.03, 1.03)  # a 0..1 metric's axis, a value at 0 or 1 clear of the frame
+
+
+def _unit_interval(values) -> bool:
+    """Whether every value lies in [0, 1] (a metric drawn on a fixed 0..1 axis)."""
+    values = list(values)
+    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def plot_metric_per_round(
+    curves: dict[tuple[str, str], Any],
+    path: str | Path,
+    row_key: str,
+    col_key: str,
+    metric: str = "f1",
+    rows: list[str] | None = None,
+    cols: list[str] | None = None,
+) -> None:
+    """One panel per column value, one line per row value: the global metric per round, mean over
+    the cell's runs (usually the seeds), shaded from the lowest to the highest run. `curves` maps
+    (row, col) to an object with rounds, mean, low, high and runs (sim.report.Curve)."""
+    rows = [r for r in rows or dict.fromkeys(r for r, _ in curves) if any(k[0] == r for k in curves)]
+    cols = [c for c in cols or dict.fromkeys(c for _, c in curves) if any(k[1] == c for k in curves)]
+    ncols = min(len(cols), 3)
+    nrows = -(-len(cols) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 0.4, 3.6 * nrows + 0.8), dpi=110,
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    styles = {row: (color, marker, dash) for row, color, marker, dash in
+              zip(rows, plt.cm.tab10.colors * 10, MARKERS * 10, ["-", "--", "-.", ":"] * 10)}
+    bounded = _unit_interval(v for c in curves.values() for v in (*c.low, *c.high))
+    for ax, col in zip(axes.flat, cols):
+        for row in rows:
+            curve = curves.get((row, col))
+            if curve is None:
+                continue
+            color, marker, dash = styles[row]  # overlapping rows stay apart by marker and dash
+            ax.fill_between(curve.rounds, curve.low, curve.high, color=color, alpha=0.18, lw=0)
+            ax.plot(curve.rounds, curve.mean, ls=dash, marker=marker, ms=5, lw=2, color=color,
+                    label=f"{row} ({max(curve.runs)} runs)")
+        ax.set_title(f"{col_key} = {col}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        if bounded:
+            ax.set_ylim(*UNIT_LIMITS)
+    for ax in axes.flat[len(cols):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("round (0 = initial model)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"global {metric} (clean test set)")
+    fig.suptitle(f"Global {metric} per round by {row_key}: mean over runs, band min..max",
+                 fontsize=11)
+    _save(fig, path)
+
+
+def plot_metric_vs_noise(
+    series: dict[str, list[Any]],
+    path: str | Path,
+    metric: str = "f1",
+    noise_key: str | None = None,
+    col_key: str = "",
+    rows: list[str] | None = None,
+) -> None:
+    """The final global metric against the noise level, one line per row (e.g. strategy): each
+    point the mean ± sample sd over its runs (the seeds), its horizontal bar the sd of the runs'
+    measured noise levels; faint dots are the runs. `series` maps a row to points with level,
+    level_sd, values, mean, sd and label (sim.report.NoisePoint); without `noise_key` each
+    point is a column value (label), written above the axes at its level."""
+    rows = [r for r in rows or series if r in series]
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110, layout="constrained")
+    for color, marker, dash, row in zip(plt.cm.tab10.colors * 10, MARKERS * 10,
+                                        ["-", "--", "-.", ":"] * 10, rows):
+        points = series[row]
+        for p in points:
+            ax.scatter([p.level] * len(p.values), p.values, s=12, color=color, alpha=0.35, lw=0)
+        runs = sum(len(p.values) for p in points)
+        ax.errorbar([p.level for p in points], [p.mean for p in points],
+                    yerr=[p.sd for p in points], xerr=[p.level_sd for p in points], ls=dash,
+                    marker=marker, ms=6, lw=1.8, capsize=3, color=color,
+                    label=f"{row} ({runs} runs)")
+    bounded = _unit_interval(v for points in series.values() for p in points for v in p.values)
+    if bounded:
+        ax.set_ylim(*UNIT_LIMITS)
+    if not noise_key:  # name each level by the column value its runs share (e.g. the noise preset)
+        at: dict[str, list[float]] = {}
+        for points in series.values():
+            for p in points:
+                at.setdefault(p.label, []).append(p.level)
+        for label, levels in at.items():
+            ax.annotate(label, (sum(levels) / len(levels), 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8, color="dimgrey")
+        ax.set_xlabel("measured label noise: 1 - label quality (pixel F1 of the noisy masks, or "
+                      "1 - flip rate;\nmean over sites weighted by num_train)"
+                      + (f"; labels above: {col_key}" if col_key else ""), fontsize=9)
+    else:
+        ax.set_xlabel(f"noise level: {noise_key}")
+    ax.set_ylabel(f"final global {metric} (mean ± sd over runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+MARKERS = "osD^vPX*<>"
+
+
+def plot_quality_quantity(
+    points: list[Any],
+    path: str | Path,
+    metric: str = "f1",
+    row_key: str = "",
+    rows: list[str] | None = None,
+) -> None:
+    """The talk's quality-versus-quantity plane: one marker per run at (annotated training
+    samples, label quality), coloured by its final global metric, its shape the run's row value.
+    Runs at the same spot (e.g. two strategies on the same seed's labels) are nudged sideways by
+    row. `points` have samples, quality, value and row (sim.report.MapPoint)."""
+
+    rows = [r for r in rows or dict.fromkeys(p.row for p in points) if any(p.row == r for p in points)]
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110, layout="constrained")
+    samples = [p.samples for p in points]
+    lo, hi = max(min(samples), 1), max(max(samples), 1)
+    log = hi / lo >= 4
+    values = [p.value for p in points]
+    vmin, vmax = min(values), max(values)
+    if vmax - vmin < 1e-6:  # one colour for all: a scale around it (0..1 for a bounded metric)
+        vmin, vmax = (0.0, 1.0) if _unit_interval(values) else (vmin - 0.05, vmax + 0.05)
+    norm = matplotlib.colors.Normalize(vmin, vmax)
+    # x limits: a single quantity sits in the middle; the quadrant names stay clear of the data
+    xmin, xmax = (lo / 2, hi * 2) if log else (0, hi * (2 if hi == lo else 1.15))
+    for i, (marker, row) in enumerate(zip(MARKERS * 10, rows)):
+        mine = [p for p in points if p.row == row]
+        shift = (i - (len(rows) - 1) / 2) * 0.02  # a fraction of the axis width
+        if log:
+            xs = [p.samples * (xmax / xmin) ** shift for p in mine]
+        else:
+            xs = [p.samples + shift * (xmax - xmin) for p in mine]
+        ax.scatter(xs, [p.quality for p in mine], c=[p.value for p in mine], cmap="viridis",
+                   norm=norm, marker=marker, s=70, edgecolors="black", linewidths=0.6,
+                   label=f"{row} ({len(mine)} runs)")
+    if log:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlim(xmin, xmax)
+    qualities = [p.quality for p in points]
+    ax.set_ylim(min(0.0, min(qualities) - 0.05), 1.1)  # room above quality 1 for the top names
+    for text, xy, align in (("clean but small", (0.01, 0.99), ("left", "top")),
+                            ("machine-learning heaven: plenty and clean", (0.99, 0.99), ("right", "top")),
+                            ("small and badly supervised", (0.01, 0.01), ("left", "bottom")),
+                            ("big but badly supervised", (0.99, 0.01), ("right", "bottom"))):
+        ax.text(*xy, text, transform=ax.transAxes, ha=align[0], va=align[1], fontsize=8,
+                color="grey", style="italic")
+    ax.set_xlabel("quantity: annotated training samples of the run (sum over sites of num_train)"
+                  + (", log scale" if log else ""), fontsize=9)
+    ax.set_ylabel("quality: label F1 of the training labels\n(1 - flip rate for classes; "
+                  "num_train-weighted over sites)", fontsize=9)
+    ax.grid(alpha=0.3)
+    legend = ax.legend(title=row_key or None, fontsize=8, title_fontsize=8, loc="best")
+    for handle in legend.legend_handles:
+        handle.set_array(None)  # the shape names the row; the colour is the metric's
+        handle.set_facecolor("lightgrey")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
+                 label=f"final global {metric}")
+    _save(fig, path)

@@ -22,7 +22,7 @@ def _glas_folder(root, n=16, size=32):
     yy, xx = np.mgrid[:size, :size]
     for i in range(n):
         mask = np.zeros((size, size), np.uint8)
-        for k in range(3):
+        for _ in range(3):
             cy, cx, r = rng.integers(6, size - 6), rng.integers(6, size - 6), rng.integers(3, 6)
             mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
         image = np.stack([np.where(mask > 0, 90, 220)] * 3, -1).astype(np.uint8)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,3 +146,182 @@ def test_pairwise_wilcoxon_score_counts_significant_wins_over_paired_runs(tmp_pa
     # 0.001 x seed above baseline: 6 non-tied pairs, all positive, p = 1/32 < 0.05
     assert (score.wins["same"], score.losses["same"]) == (1, 1)
     assert "| good | 2 | 0 | 2 |" in score.markdown()
+
+
+# --- the plots: metric per round, metric against noise, quality against quantity ---
+
+
+def _seg_node(num_train, precision, recall):
+    return {"num_train": num_train, "label_noise": {"pixel_precision": precision, "pixel_recall": recall}}
+
+
+def _full_run(path, strategy, noise, seed, history, nodes, status="completed", config=None):
+    """A run directory as snowfed writes it: the final metric is the last round's."""
+    path.mkdir(parents=True)
+    cfg = {"strategy": {"name": strategy}, "noise": {"name": noise}, "seed": seed, **(config or {})}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = {"status": status, "global": {"f1": history[-1]},
+               "history": [{"round": r, "f1": v} for r, v in enumerate(history)], "nodes": nodes}
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def seg_sweep(tmp_path):
+    """2 strategies x 2 noise presets x 3 seeds; in 'noisy' a site keeps half its objects (label
+    F1 2/3 at seed 0, varying with the seed), the other site stays clean."""
+    root = tmp_path / "seg"
+    for seed in range(3):
+        recall = 0.5 + 0.1 * seed  # measured on the noisy site
+        for strategy, gain in (("baseline", 0.0), ("only_positive", 0.3)):
+            _full_run(root / f"{strategy}-clean-{seed}", strategy, "clean", seed,
+                      [0.2, 0.5 + 0.1 * seed, 0.8 + 0.05 * seed],
+                      {"a": _seg_node(12, 1.0, 1.0), "b": _seg_node(12, 1.0, 1.0)})
+            _full_run(root / f"{strategy}-noisy-{seed}", strategy, "noisy", seed,
+                      [0.2, 0.3, 0.2 + gain + 0.05 * seed],
+                      {"a": _seg_node(12, 1.0, 1.0), "b": _seg_node(12, 1.0, recall)})
+    _full_run(root / "failed", "baseline", "noisy", 9, [0.2, 0.0],
+              {"a": _seg_node(12, 1.0, 1.0)}, status="failed")
+    return root
+
+
+def test_metric_per_round_is_the_mean_min_and_max_over_a_cells_runs(seg_sweep, tmp_path):
+    from snowfed.sim.report import metric_per_round
+
+    _full_run(tmp_path / "short" / "r", "baseline", "clean", 7, [0.5], {})  # one round only
+    curves = metric_per_round(find_runs([seg_sweep, tmp_path / "short"]), "strategy.name", "noise.name")
+    assert set(curves) == {(s, n) for s in ("baseline", "only_positive") for n in ("clean", "noisy")}
+    clean = curves["baseline", "clean"]
+    assert clean.rounds == (0, 1, 2) and clean.runs == (4, 3, 3)  # the short run has round 0
+    assert clean.mean[0] == pytest.approx((0.2 * 3 + 0.5) / 4)
+    assert clean.mean[1:] == pytest.approx((0.6, 0.85))
+    assert (clean.low[2], clean.high[2]) == pytest.approx((0.8, 0.9))
+    noisy = curves["baseline", "noisy"]  # the failed run (final 0.0, 4 runs) is left out
+    assert noisy.runs == (3, 3, 3) and noisy.low[2] == pytest.approx(0.2)
+
+
+def test_label_quality_is_the_label_f1_or_one_minus_flip_rate_weighted_by_num_train():
+    from snowfed.sim.report import Run, label_quality, noise_level, num_annotated, site_label_quality
+
+    # the keys of a real segmentation summary node
+    seg = {"num_train": 9, "label_noise": {"objects": 49, "objects_removed": 0.49,
+                                           "pixel_precision": 1.0, "pixel_recall": 0.5}}
+    assert site_label_quality(seg) == pytest.approx(2 / 3)
+    assert site_label_quality({"label_noise": {"pixel_precision": 0.0, "pixel_recall": 0.0}}) == 0.0
+    assert site_label_quality({"num_train": 3}) is None
+    # ... and of a classification one
+    cls = {"num_train": 10, "label_noise": {"flip_rate": 0.4, "num_labels": 10, "configured_rate": 0.4}}
+    assert site_label_quality(cls) == pytest.approx(0.6)
+
+    run = Run(Path("r"), "completed", {}, {"nodes": {"a": {**cls, "num_train": 30,
+                                                           "label_noise": {"flip_rate": 0.0}},
+                                                     "b": cls}})
+    assert label_quality(run) == pytest.approx((30 * 1.0 + 10 * 0.6) / 40)
+    assert noise_level(run) == pytest.approx(0.1)
+    assert num_annotated(run) == 40
+    unknown = Run(Path("r"), "completed", {}, {"nodes": {"a": cls, "b": {"num_train": 5}}})
+    assert label_quality(unknown) is None and noise_level(unknown) is None
+    assert num_annotated(Run(Path("r"), "completed", {}, {})) is None
+
+
+def test_noise_key_reads_a_numeric_config_value_lists_included():
+    from snowfed.sim.report import Run, lookup, noise_level
+
+    config = {"noise": {"name": "noisy", "p_remove": 0.5},
+              "federation": {"hospitals": [{"noise": {"rate": 0.0}}, {"noise": {"rate": 0.2}},
+                                           {"noise": "noisy"}]}}
+    run = Run(Path("r"), "completed", config, {})
+    assert noise_level(run, "noise.p_remove") == 0.5
+    assert noise_level(run, "federation.hospitals.1.noise.rate") == 0.2
+    assert lookup(config, "federation.hospitals.1.noise.rate") == "0.2"
+    for key in ("federation.hospitals.2.noise", "federation.hospitals.5.noise.rate", "noise.name",
+                "noise.missing"):
+        assert noise_level(run, key) is None, key
+    assert noise_level(Run(Path("r"), "completed", {"noise": None}, {}), "noise.p_remove") is None
+
+
+def test_metric_vs_noise_puts_each_cell_at_its_measured_noise_level(seg_sweep):
+    from snowfed.sim.report import metric_vs_noise
+
+    series, missing = metric_vs_noise(find_runs([seg_sweep]), "strategy.name", "noise.name")
+    assert missing == 0 and list(series) == ["baseline", "only_positive"]
+    clean, noisy = series["only_positive"]  # sorted by level
+    assert (clean.label, clean.level, clean.level_sd) == ("clean", 0.0, 0.0)
+    assert clean.mean == pytest.approx(0.85) and clean.sd == pytest.approx(0.05)
+    # site b's label F1 at recall 0.5, 0.6, 0.7; the run's quality is the mean with site a's 1
+    levels = [1 - (1 + 2 * r / (1 + r)) / 2 for r in (0.5, 0.6, 0.7)]
+    assert noisy.label == "noisy" and noisy.level == pytest.approx(sum(levels) / 3)
+    assert sorted(noisy.values) == pytest.approx([0.5, 0.55, 0.6])
+    assert series["baseline"][1].mean == pytest.approx(0.25)
+
+
+def test_metric_vs_noise_with_a_noise_key_groups_runs_by_its_value(tmp_path):
+    from snowfed.sim.report import metric_vs_noise
+
+    root = tmp_path / "cls"
+    for seed in range(2):
+        for rate, f1 in ((0.0, 0.9), (0.2, 0.7), (0.4, 0.5)):
+            hospitals = [{"noise": {"rate": 0.0}}, {"noise": {"rate": rate}}]
+            _full_run(root / f"gce-{rate}-{seed}", "gce", "symmetric", seed, [0.1, f1 + 0.01 * seed],
+                      {}, config={"federation": {"hospitals": hospitals}})
+    _full_run(root / "other", "gce", "symmetric", 0, [0.1, 0.3], {})  # no such key: left out
+    series, missing = metric_vs_noise(find_runs([root]), "strategy.name", "noise.name",
+                                      noise_key="federation.hospitals.1.noise.rate")
+    assert missing == 1
+    assert [(p.level, len(p.values)) for p in series["gce"]] == [(0.0, 2), (0.2, 2), (0.4, 2)]
+    assert [p.mean for p in series["gce"]] == pytest.approx([0.905, 0.705, 0.505])
+
+
+def test_quality_quantity_has_one_point_per_completed_run_with_sizes_and_label_noise(tmp_path):
+    from snowfed.sim.report import quality_quantity
+
+    root = tmp_path / "map"
+    _full_run(root / "small-clean", "baseline", "clean", 0, [0.1, 0.8], {"a": _seg_node(10, 1.0, 1.0)})
+    _full_run(root / "big-noisy", "baseline", "noisy", 0, [0.1, 0.7],
+              {"a": _seg_node(30, 1.0, 0.5), "b": _seg_node(10, 1.0, 1.0)})
+    _full_run(root / "no-nodes", "baseline", "noisy", 1, [0.1, 0.6], {})
+    _full_run(root / "failed", "baseline", "noisy", 2, [0.1, 0.6], {"a": _seg_node(10, 1, 1)},
+              status="failed")
+    points, missing = quality_quantity(find_runs([root]), "strategy.name", "noise.name")
+    assert missing == 1
+    by_name = {p.path.name: p for p in points}
+    assert set(by_name) == {"small-clean", "big-noisy"}
+    big = by_name["big-noisy"]
+    assert (big.samples, big.row, big.col, big.value) == (40, "baseline", "noisy", 0.7)
+    assert big.quality == pytest.approx((30 * 2 / 3 + 10 * 1.0) / 40)
+    assert (by_name["small-clean"].samples, by_name["small-clean"].quality) == (10, 1.0)
+
+
+def test_report_command_writes_the_three_plots(seg_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(seg_sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for name in ("metric_per_round.png", "metric_vs_noise.png", "quality_quantity.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+        assert (out / name).stat().st_size > 20_000, name
+        assert f"]({name})" in report and f"wrote {out / name}" in printed
+    assert "not drawn" not in report
+    assert "All runs have 24 annotated training samples" in report  # the map's one quantity
+
+
+def test_plots_the_data_cannot_make_are_reported_not_crashed(sweep, tmp_path, capsys):
+    """The `sweep` runs have no history, no sites and a single noise level per key."""
+    out = tmp_path / "out"
+    assert main(["report", str(sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "metric_per_round.png not drawn: no completed run has a `history`" in report
+    assert "metric_vs_noise.png not drawn: the runs have no noise level" in report
+    assert "quality_quantity.png not drawn: no completed run" in report
+    assert "not drawn" in capsys.readouterr().out
+    assert not list(out.glob("*.png"))
+    assert main(["report", str(sweep), "--out", str(out), "--noise-key", "strategy.name"]) == 0
+    assert "not drawn: the runs have no noise level (config key strategy.name); 8 completed runs " \
+        "without a noise level left out" in (out / "report.md").read_text()
+    one = tmp_path / "one-level"  # a numeric key with a single value
+    for seed in range(2):
+        _full_run(one / f"r{seed}", "baseline", "noisy", seed, [0.1, 0.5], {},
+                  config={"noise": {"name": "noisy", "p_remove": 0.5}})
+    assert main(["report", str(one), "--noise-key", "noise.p_remove"]) == 0
+    assert "metric_vs_noise.png not drawn: the runs have a single noise level (0.50) (config key " \
+        "noise.p_remove)." in (one / "report.md").read_text()
+    assert (one / "metric_per_round.png").exists() and not (one / "metric_vs_noise.png").exists()
