@@ -41,7 +41,7 @@ from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .federation import _failure, _noise, _strategy
+from .federation import _failure, _noise, _strategy, check_strategy_for_task
 from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .noise import SnowNoise, degrade_dataset
 from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
@@ -51,10 +51,6 @@ SITE_KEYS = ("name", "noise", "strategy", "clean_fraction", "failure", "annotato
 SPLIT_LEVELS = ("patient", "image")
 FUSIONS = {"classification": ("majority", "dawid_skene"), "segmentation": ("majority", "staple")}
 SHORTCUT_EFFECTS = ("intensity", "bit_depth")
-# parts of a local strategy that only make sense on masks (tiles, pixels, objects)
-SEGMENTATION_ONLY = {"sampler": ("positive",), "loss": ("weak", "soft_weak")}
-CLASSIFICATION_ONLY = {"loss": ("coteaching",)}
-NONE_FOR_CLASSIFICATION = ("label_transform", "augmentation", "teacher")
 
 
 @dataclass(frozen=True)
@@ -174,26 +170,6 @@ def apply_shortcut(images: np.ndarray, shortcut: Mapping[str, Any]) -> np.ndarra
     return ((images >> drop) << drop).astype(np.uint8)
 
 
-def _check_strategy(spec: StrategySpec, key: str, task: str) -> None:
-    """Refuse parts that cannot work on this task's labels, naming the part."""
-    if task == "classification":
-        for part, names in SEGMENTATION_ONLY.items():
-            value = getattr(spec, part)
-            require(value not in names, f"{key}.{part}", value,
-                    f"not {', '.join(names)} with task=classification (it works on masks)")
-        for part in NONE_FOR_CLASSIFICATION:
-            value = getattr(spec, part)
-            require(value == "none", f"{key}.{part}", value,
-                    "none with task=classification (snowfed has it for masks only)")
-        require(spec.init != "autoencoder", f"{key}.init", spec.init,
-                "none or checkpoint with task=classification (the autoencoder needs ShortRes)")
-    else:
-        for part, names in CLASSIFICATION_ONLY.items():
-            value = getattr(spec, part)
-            require(value not in names, f"{key}.{part}", value,
-                    f"not {', '.join(names)} with task=segmentation")
-
-
 def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     """Validate a loaded-dataset federation: load the data (bad files fail here, before any
     training) and check every site. `check_model(spec, key, num_classes)` checks a strategy against the model
@@ -223,7 +199,7 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
         names.add(name)
         strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
         strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
-        _check_strategy(strategy, strategy_key, task)
+        check_strategy_for_task(strategy, strategy_key, task)
         noise_spec, noise_key = h.get("noise"), f"{key}.noise"
         if global_noise is not None:
             noise_spec, noise_key = {"preset": global_noise["name"], **global_noise}, "noise"

@@ -295,3 +295,10 @@ def test_noise_robust_losses_train_a_classifier(loss, tmp_path):
     scores = classification_metrics(data.val_targets, torch.softmax(model(
         torch.from_numpy(data.val_images).permute(0, 3, 1, 2).float() / 255), 1).detach().numpy())
     assert scores["accuracy"] > 0.3  # chance is 0.1
+
+
+def test_coteaching_is_refused_for_segmentation():
+    from snowfed.sim.runner import validate
+
+    with pytest.raises(ConfigError, match="strategy.loss='coteaching'.*task=segmentation"):
+        validate(plain_config(compose(["federation=smoke", "strategy=coteaching"])))

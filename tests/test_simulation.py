@@ -88,7 +88,9 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
     assert [h["round"] for h in summary["history"]] == global_rounds
 
 
-@pytest.mark.parametrize("strategy", [s for s in group_options("strategy") if s != "transfer"])
+# transfer has its own test below; coteaching is a classification strategy (test_classification.py)
+@pytest.mark.parametrize("strategy", [s for s in group_options("strategy")
+                                      if s not in ("transfer", "coteaching")])
 def test_every_strategy_runs_a_smoke_round(strategy, tmp_path):
     summary = run(compose(["federation=smoke", f"strategy={strategy}", "rounds=1"]), tmp_path / "r")
     assert summary["status"] == "completed"

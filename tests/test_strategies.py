@@ -191,7 +191,8 @@ def test_gce_tends_to_cross_entropy_and_bootstrap_with_beta_1_is_cross_entropy()
     assert torch.isclose(make_loss("sce", alpha=1.0, beta=0.0)(logits, labels), ce)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+# co-teaching trains a peer on the batch's images: tested on classification in test_classification.py
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"coteaching"}))
 def test_every_loss_has_finite_gradients_even_on_saturated_logits(name):
     gen = torch.Generator().manual_seed(7)
     logits = (60 * torch.randn(2, 2, 6, 6, generator=gen)).requires_grad_()
@@ -211,8 +212,8 @@ def _tiny_node() -> tuple[np.ndarray, np.ndarray]:
     return images, labels  # image 4 has no annotation
 
 
-@pytest.mark.parametrize("name", group_options("strategy"))
-def test_every_strategy_config_builds_and_trains(name, tmp_path):
+@pytest.mark.parametrize("name", [s for s in group_options("strategy") if s != "coteaching"])
+def test_every_strategy_config_builds_and_trains(name, tmp_path):  # on masks; coteaching: classification
     cfg = {**load_group_option("strategy", name, "strategy"), "local_steps": 3, "batch_size": 2,
            "tile_size": 16}
     if cfg["init"] == "checkpoint":  # a model to transfer from
