@@ -198,7 +198,7 @@ class SmallCNN(_Staged):
     Stages: block1, block2, head."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32,
-                 norm: str = "none"):
+                 norm: str = "group"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
