@@ -304,3 +304,21 @@ def test_coteaching_is_refused_for_segmentation():
 
     with pytest.raises(ConfigError, match="strategy.loss='coteaching'.*task=segmentation"):
         validate(plain_config(compose(["federation=smoke", "strategy=coteaching"])))
+
+
+def test_skipped_files_are_counted_in_the_store_and_a_matrix_noise_is_applied(tmp_path):
+    root = _patient_folder(tmp_path / "data")
+    (root / "normal" / "P99_broken.png").write_bytes(b"not a png")
+    store = _store(tmp_path, [
+        "dataset=image_folder", f"dataset.path={root}", "dataset.skip_bad=true",
+        "federation.hospitals=[{name: a, noise: {kind: matrix, matrix: [[0.0, 1.0], [0.0, 1.0]]}},"
+        " {name: b}]",
+        "federation.test_fraction=0.25",
+    ])
+    data = store.manifest["data"]
+    assert data["skipped"] == 1 and data["skipped_files"][0]["file"].endswith("P99_broken.png")
+    a = store.nodes[0]
+    # every label of site a becomes class 1: the flip rate is the share of class-0 labels there
+    assert set(np.asarray(store.arrays["noisy"])[a["train"]]) == {1}
+    confusion = np.asarray(a["label_noise"]["confusion"])
+    assert confusion[:, 0].sum() == 0 and a["label_noise"]["flip_rate"] == confusion[0, 1] / confusion.sum()
