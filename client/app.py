@@ -7,8 +7,9 @@ data-loaders issue) and `partition-id` (which of the store's nodes this site is)
 the node config holds only `partition-id` and the node opens the federation store that the
 server's config names. A site's own node config wins over the server's config.
 
-What a node builds (data tensors, strategy, model skeleton) is built once per process (a Ray
-actor in simulation) and reused every round. What its strategy must remember between rounds
+What a node builds (data tensors, strategy) is built once per process (a Ray actor in
+simulation) and reused every round; the model skeleton is built once per process and shared by
+the nodes it runs. What its strategy must remember between rounds
 (initial weights, a trained teacher) is written next to the node's data in the store
 (`node-memory/<partition-id>/<name>.pt`), so it follows the node to whichever Ray actor runs it
 and survives a resumed run (Flower's `Context.state` lives only as long as the simulation).
@@ -62,6 +63,22 @@ class _Node:
 
 
 _NODES: dict[tuple[str, int], _Node] = {}
+# One network per process and store, shared by every node this process runs: each handler loads
+# the received weights into it first, so nodes never see each other's, and a process that runs
+# 1000 virtual sites holds one model, not 1000.
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def _model_skeleton(store: FederationStore, device: torch.device) -> torch.nn.Module:
+    key = str(store.path)
+    if key not in _MODELS:
+        model_cfg = store.manifest["model"]
+        _MODELS[key] = build_model(
+            model_cfg["name"],
+            num_classes=store.manifest["num_classes"],
+            **{k: v for k, v in model_cfg.items() if k != "name"},
+        ).to(device)
+    return _MODELS[key]
 
 
 DATA_PATH, DATA_FORMAT = "data-path", "data-format"  # the SuperNode's --node-config keys
@@ -97,12 +114,7 @@ def _node(msg: Message, context: Context) -> _Node:
         entry = store.node(partition_id)
         data = store.node_data(partition_id)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model_cfg = store.manifest["model"]
-        model = build_model(
-            model_cfg["name"],
-            num_classes=store.manifest["num_classes"],
-            **{k: v for k, v in model_cfg.items() if k != "name"},
-        ).to(device)
+        model = _model_skeleton(store, device)
         strategy = LocalStrategy.build(
             StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
         )

@@ -65,3 +65,28 @@ def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
     plain, again, prox = reply(), reply(**{"proximal-mu": 0.0}), reply(**{"proximal-mu": 100.0})
     assert all(torch.equal(plain[k], again[k]) for k in plain)
     assert any(not torch.equal(plain[k], prox[k]) for k in plain)
+
+
+def test_nodes_of_one_process_share_one_model_and_never_see_each_others_weights(smoke_cfg, tmp_path):
+    from snowfed.sim.runner import prepare
+
+    smoke_cfg["strategy"]["local_steps"] = 2
+    _, store = prepare(smoke_cfg, tmp_path / "run")
+    state = build_global_model(smoke_cfg["model"], 2, seed=0).state_dict()
+
+    def train(partition: int):
+        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition},
+                          state=RecordDict(), run_config={})
+        reply = client_app.train(_train_message(store, state, 1), context)
+        return reply.content["arrays"].to_torch_state_dict()
+
+    client_app._NODES.clear()
+    client_app._MODELS.clear()
+    alone = train(1)  # node 1 in a fresh process
+    client_app._NODES.clear()
+    client_app._MODELS.clear()
+    train(0)
+    after_other = train(1)  # node 1 after node 0 trained the same network object
+    nodes = list(client_app._NODES.values())
+    assert len(nodes) == 2 and nodes[0].model is nodes[1].model
+    assert all(torch.equal(alone[k], after_other[k]) for k in alone)
