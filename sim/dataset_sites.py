@@ -41,7 +41,7 @@ from snowfed.store import FederationStore, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .federation import _failure, _noise, _strategy, check_strategy_for_task
+from .federation import _failure, _noise, _strategy, check_strategy_for_task, expand_hospitals
 from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .noise import SnowNoise, degrade_dataset
 from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
@@ -183,7 +183,7 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     fed = cfg["federation"]
     require_keys(fed, FEDERATION_KEYS, "federation", "a key of a federation over a loaded dataset",
                  "test_images_per_site, num_images and appearance are for dataset=synthetic")
-    sites_cfg = fed.get("hospitals") or []
+    sites_cfg = expand_hospitals(fed.get("hospitals"))
     require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
     C = dataset.num_classes

@@ -142,6 +142,19 @@ def check_strategy_for_task(spec: StrategySpec, key: str, task: str) -> None:
                     f"not {', '.join(names)} with task=segmentation")
 
 
+def expand_hospitals(spec: Any) -> list[Mapping[str, Any]]:
+    """`federation.hospitals`: a list of hospitals, or {count: N, name: PREFIX, key: value...}
+    for N alike hospitals named PREFIX000, PREFIX001, ... (the many-site benchmarks: 100 or 1000
+    virtual sites are not written out one by one)."""
+    if not isinstance(spec, Mapping):
+        return list(spec or [])
+    count = require_int(spec.get("count"), "federation.hospitals.count", 1)
+    prefix = str(spec.get("name", "site"))
+    width = len(str(count - 1))
+    alike = {k: v for k, v in spec.items() if k not in ("count", "name")}
+    return [{"name": f"{prefix}{i:0{width}d}", **alike} for i in range(count)]
+
+
 def _num_verified(h: Hospital, val_fraction: float) -> int:
     n_val = max(1, int(round(val_fraction * h.num_images))) if val_fraction else 0
     return int(round(h.clean_fraction * (h.num_images - n_val)))
@@ -210,7 +223,7 @@ def resolve_federation(cfg: Mapping[str, Any]):
             "segmentation with dataset=synthetic (its labels are masks); pick a classification "
             "dataset (digits, npz, image_folder) for task=classification")
     fed = cfg["federation"]
-    hospitals_cfg = fed.get("hospitals") or []
+    hospitals_cfg = expand_hospitals(fed.get("hospitals"))
     require(len(hospitals_cfg) > 0, "federation.hospitals", len(hospitals_cfg),
             "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)

@@ -39,7 +39,7 @@ from snowfed.server.quality import quality_report
 from snowfed.store import FederationStore
 from snowfed.tracking import RunTracking, validate_logger
 
-from .federation import build_store, node_facts, resolve_federation
+from .federation import build_store, expand_hospitals, node_facts, resolve_federation
 
 STORE_DIR = "federation"
 F1_PLOT = "f1_per_round.png"
@@ -195,8 +195,9 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
     require(aggregation not in ("fedprox", *REFERENCES), "aggregation.name", aggregation,
             "not fedprox, pooled or local with privacy=dp_sgd (the proximal term escapes Opacus's "
             "per-example clipping; the reference runs are not private)")
+    hospitals_cfg = expand_hospitals(cfg["federation"]["hospitals"])
     for i, h in enumerate(plan.hospitals):
-        key = f"federation.hospitals[{i}].strategy" if cfg["federation"]["hospitals"][i].get(
+        key = f"federation.hospitals[{i}].strategy" if hospitals_cfg[i].get(
             "strategy") is not None else "strategy"
         require(h.strategy.init != "autoencoder", f"{key}.init", h.strategy.init,
                 "not autoencoder with privacy=dp_sgd (its pre-training on the site's images is "

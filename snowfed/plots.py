@@ -14,6 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .rundir import atomic_write_bytes  # noqa: E402
 
 
+MAX_NODE_LEGEND = 12
+
+
 def plot_f1_per_round(
     records: list[dict[str, Any]], path: str | Path, node_labels: dict[str, str] | None = None
 ) -> None:
@@ -27,8 +30,10 @@ def plot_f1_per_round(
     if glob:
         ax_global.plot(*zip(*glob), "-o", color="black", lw=2.5, label="global (clean test set)")
     nodes = sorted({r["node"] for r in records if r.get("scope") == "node"})
+    many = len(nodes) > MAX_NODE_LEGEND  # many virtual sites: thin grey curves, no legend entries
     for color, name in zip(plt.cm.tab10.colors * 10, nodes):
         label = f"{name} ({node_labels[name]})" if name in node_labels else name
+        color, label = ("0.6", None) if many else (color, label)
         for ax, phase, key in ((ax_global, "evaluate", "f1"), (ax_local, "train", "local-f1")):
             pts = sorted(
                 (r["round"], r[key])
@@ -38,7 +43,8 @@ def plot_f1_per_round(
             )
             if pts:
                 ax.plot(*zip(*pts), "--", marker=".", lw=1.2, color=color, label=label)
-    ax_global.set_title("global model: clean test set, and each node's clean split")
+    suffix = f" ({len(nodes)} nodes, grey)" if many else ""
+    ax_global.set_title(f"global model: clean test set, and each node's clean split{suffix}")
     ax_local.set_title("each node's model after local training, on its clean split")
     for ax in (ax_global, ax_local):
         ax.set_xlabel("round")
@@ -46,7 +52,7 @@ def plot_f1_per_round(
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="lower right")
-    ax_global.set_ylabel("pixel F1")
+    ax_global.set_ylabel("F1 (pixel F1; macro F1 for classification)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

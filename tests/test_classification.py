@@ -322,3 +322,11 @@ def test_skipped_files_are_counted_in_the_store_and_a_matrix_noise_is_applied(tm
     assert set(np.asarray(store.arrays["noisy"])[a["train"]]) == {1}
     confusion = np.asarray(a["label_noise"]["confusion"])
     assert confusion[:, 0].sum() == 0 and a["label_noise"]["flip_rate"] == confusion[0, 1] / confusion.sum()
+
+
+def test_many_alike_sites_from_a_count(tmp_path):
+    store = _store(tmp_path, ["federation=many_sites", "federation.hospitals.count=30"])
+    names = [n["name"] for n in store.nodes]
+    assert names[0] == "site00" and names[-1] == "site29" and len(set(names)) == 30
+    rates = [n["label_noise"]["configured_rate"] for n in store.nodes]
+    assert all(0.0 <= r <= 0.4 for r in rates) and len(set(rates)) == 30  # drawn per site
