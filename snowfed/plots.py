@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .rundir import atomic_write_bytes  # noqa: E402
 
-
 MAX_NODE_LEGEND = 12
 
 
