@@ -395,13 +395,11 @@ def _data_report(plan: DatasetPlan, dataset_cfg: Mapping[str, Any], test: np.nda
     }
     if data.patient is not None:
         train = np.concatenate([c["train"] for c in cuts])
-        between_sites = {}
-        for i, ci in enumerate(cuts):
-            for cj in cuts[i + 1:]:
-                shared = leakage(data.patient, np.concatenate([ci["train"], ci["val"]]),
-                                 np.concatenate([cj["train"], cj["val"]]))
-                if shared:
-                    between_sites.setdefault(plan.hospitals[i].name, []).extend(shared)
+        sites_of_patient: dict[str, set[str]] = {}
+        for site, c in zip(plan.hospitals, cuts):
+            for patient in np.unique(data.patient[np.concatenate([c["train"], c["val"]])]):
+                sites_of_patient.setdefault(str(patient), set()).add(site.name)
+        between_sites = {p: sorted(s) for p, s in sorted(sites_of_patient.items()) if len(s) > 1}
         train_test = leakage(data.patient, train, test)
         train_val = {plan.hospitals[i].name: leakage(data.patient, c["train"], c["val"])
                      for i, c in enumerate(cuts)}

@@ -166,9 +166,12 @@ def test_natural_silos_follow_the_site_folders(tmp_path):
     store = _store(tmp_path, [
         "dataset=image_folder", f"dataset.path={tmp_path / 'data'}", "dataset.layout=sites",
         "federation.hospitals=[{name: ghent}, {name: liege}]", "federation.partition={scheme: natural}",
-        "federation.test_fraction=0.2",
+        "federation.test_fraction=0.2", "dataset.patient_pattern='^(P\\d+)_'",
     ])
     assert [n["name"] for n in store.nodes] == ["ghent", "liege"]
+    # the same patient ids in both site folders: reported (a patient seen by two hospitals)
+    two_sites = store.manifest["data"]["leakage"]["patients_in_two_sites"]
+    assert two_sites and all(sites == ["ghent", "liege"] for sites in two_sites.values())
     total = sum(n["num_train"] + n["num_val"] for n in store.nodes) + len(store.manifest["test"])
     assert total == 48
 
