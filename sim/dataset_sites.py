@@ -37,7 +37,7 @@ from snowfed.config import (
 )
 from snowfed.data.loaders import LoadedDataset, load_dataset
 from snowfed.server.aggregation import validate_aggregation
-from snowfed.store import FederationStore, write_store
+from snowfed.store import FederationStore, contiguous_layout, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
@@ -329,17 +329,27 @@ def _degrade_segmentation(site: Site, instances: np.ndarray, seed: int) -> tuple
 
 def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
     """Cut the sites, degrade each site's training labels, apply site effects, check leakage,
-    and write the run's one federation store."""
+    and write the run's one federation store.
+
+    Labels are degraded and every per-site fact measured on the dataset's own indices (`cuts`,
+    `test`); the store then lays the rows out site by site (site 0's train rows, its val rows,
+    site 1's, ..., the test rows, then rows no list names, then the shortcut sites' plain val
+    copies), so that every index list in the manifest is one contiguous range and a node's
+    arrays are views of the store (snowfed.store.take_rows)."""
     data, task = plan.dataset, plan.task
     C = data.num_classes
     test, cuts = plan.test, plan.cuts
-    images = data.images.copy()  # the store's one copy; a shortcut site changes its own rows
     clean = data.targets if task == "classification" else (data.targets > 0).astype(np.uint8)
-    noisy = clean.copy()
+    noisy = clean.copy()  # in the dataset's order, reordered into the store's below
+    lists = [rows for cut in cuts for rows in (cut["train"], cut["val"])] + [test]
+    unlisted = np.setdiff1d(np.arange(len(data.images)), np.concatenate(lists))
+    order, ranges = contiguous_layout([*lists, unlisted])
+    images = data.images[order]  # the store's one copy, in its order; a shortcut site changes its own rows
     extra_images, extra_targets, nodes = [], [], []
-    next_row = len(images)
+    next_row = len(order)
     for i, (site, cut) in enumerate(zip(plan.hospitals, cuts)):
         train, val = cut["train"], cut["val"]
+        store_train, store_val = ranges[2 * i], ranges[2 * i + 1]
         n_verified = int(round(site.clean_fraction * len(train)))
         degraded = train[n_verified:]
         rng = np.random.default_rng([plan.seed, 104729, i])
@@ -349,8 +359,8 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
             labels, stats = _degrade_segmentation(site, data.targets[degraded], plan.seed * 104729 + i)
         noisy[degraded] = labels
         entry: dict[str, Any] = {
-            "name": site.name, "train": train.tolist(), "val": val.tolist(),
-            "verified": train[:n_verified].tolist(), "num_train": len(train), "num_val": len(val),
+            "name": site.name, "train": store_train, "val": store_val,
+            "verified": store_train[:n_verified], "num_train": len(train), "num_val": len(val),
             "noise_profile": site.noise_profile, "noise": site.annotators or site.noise,
             "label_noise": stats, "strategy": asdict(site.strategy),
             **({"failure": site.failure} if site.failure else {}),
@@ -360,16 +370,20 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
         if data.patient is not None:
             entry["patients"] = len(np.unique(data.patient[np.concatenate([train, val])]))
         if site.shortcut is not None:
+            # the site's rows (train, then val) sit at store_train + store_val in the store
             rows = np.concatenate([train, val])
-            rows = rows[clean[rows] == site.shortcut["class"]]
+            of_class = clean[rows] == site.shortcut["class"]
             plain_val = val[clean[val] == site.shortcut["class"]]
-            images[rows] = apply_shortcut(data.images[rows], site.shortcut)
+            at = np.asarray(store_train + store_val, dtype=np.int64)[of_class]
+            images[at] = apply_shortcut(data.images[rows[of_class]], site.shortcut)
             # the site's val images as they would look without the shortcut (the trap's check)
             extra_images.append(data.images[val]), extra_targets.append(clean[val])
-            entry["shortcut"] = {**site.shortcut, "images": len(rows), "val_with_class": len(plain_val),
+            entry["shortcut"] = {**site.shortcut, "images": int(of_class.sum()),
+                                 "val_with_class": len(plain_val),
                                  "val_plain": list(range(next_row, next_row + len(val)))}
             next_row += len(val)
         nodes.append(entry)
+    clean, noisy = clean[order], noisy[order]
     if extra_images:
         images = np.concatenate([images, *extra_images])
         clean = np.concatenate([clean, *extra_targets])
@@ -378,7 +392,7 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
         "federation": plan.name, "task": task, "seed": plan.seed,
         "image_size": int(images.shape[1]), "num_classes": C, "class_names": list(data.class_names),
         "model": dict(cfg["model"]), "rounds": int(cfg["rounds"]), "privacy": dict(cfg["privacy"]),
-        "test": test.tolist(), "server_val": [], "nodes": nodes,
+        "test": ranges[-2], "server_val": [], "nodes": nodes,
         "data": _data_report(plan, cfg["dataset"], test, cuts),
     }
     return FederationStore(write_store(path, {"images": images, "clean": clean, "noisy": noisy}, manifest))

@@ -21,7 +21,7 @@ from snowfed.config import (
 from snowfed.data.synthetic import Appearance, generate
 from snowfed.models import MODEL_TASKS, MODELS, build_model
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
-from snowfed.store import FederationStore, write_store
+from snowfed.store import ARRAYS, FederationStore, write_store
 from snowfed.strategies import StrategySpec
 from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
 
@@ -289,9 +289,17 @@ def build_store(plan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
 def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
     """Generate each hospital's images (its appearance), split them (global clean test, the
     node's clean held-out split, its training set), degrade the training labels with the
-    hospital's noise, measure what the noise did, and write one store for the whole run."""
-    images, clean, noisy, nodes, test, server_val = [], [], [], [], [], []
+    hospital's noise, measure what the noise did, and write one store for the whole run.
+
+    The store holds the hospitals' rows one after the other (each its training rows, then its
+    val rows), then every site's test rows, then the server's rows, so that each index list in
+    the manifest is one contiguous range and a node's arrays are views of the store."""
+    node_rows, test_rows, server_rows = [], [], []  # (images, clean, noisy) per split and site
+    nodes, test, server_val = [], [], []
+    # where each split starts in the store: the sites' own rows, then the test rows, the server's
     offset = 0
+    test_offset = sum(h.num_images for h in plan.hospitals)
+    server_offset = test_offset + plan.test_images_per_site * len(plan.hospitals)
     for i, h in enumerate(plan.hospitals):
         n_test = plan.test_images_per_site
         total = h.num_images + n_test
@@ -303,20 +311,24 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
                               f"large enough to leave a training image after a {plan.val_fraction} "
                               "validation split")
         n_verified = _num_verified(h, plan.val_fraction)
-        # the first n_verified training images keep their clean labels; the rest are degraded
+        # generated in the order test, val, train; the first n_verified training images keep
+        # their clean labels, the rest are degraded
         labels, stats = degrade_dataset(inst[n_test + n_val + n_verified :], h.noise,
                                         seed=plan.seed * 104729 + i)
         clean_i = (inst > 0).astype(np.uint8)
         noisy_i = clean_i.copy()
         noisy_i[n_test + n_val + n_verified :] = labels
-        train_start = offset + n_test + n_val
-        images.append(imgs), clean.append(clean_i), noisy.append(noisy_i)
-        test.extend(range(offset, offset + n_test))
+        site = (imgs, clean_i, noisy_i)
+        node_rows.append(tuple(a[n_test + n_val :] for a in site))  # its training rows
+        node_rows.append(tuple(a[n_test : n_test + n_val] for a in site))  # its val rows
+        test_rows.append(tuple(a[:n_test] for a in site))
+        train_start, val_start = offset, offset + n_train
+        test.extend(range(test_offset, test_offset + n_test))
         nodes.append(
             {
                 "name": h.name,
-                "val": list(range(offset + n_test, offset + n_test + n_val)),
-                "train": list(range(train_start, offset + total)),
+                "val": list(range(val_start, val_start + n_val)),
+                "train": list(range(train_start, train_start + n_train)),
                 "verified": list(range(train_start, train_start + n_verified)),
                 "num_train": n_train,
                 "num_val": n_val,
@@ -328,16 +340,17 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
                 **({"failure": h.failure} if h.failure else {}),
             }
         )
-        offset += total
+        offset += h.num_images
+        test_offset += n_test
         if plan.server_val_per_site:
             # the server's clean images in this site's appearance, from a seed of their own
             k = plan.server_val_per_site
             imgs, inst = generate(k, plan.image_size, seed=plan.seed * 7919 + 500_009 + i,
                                   appearance=h.appearance)
-            images.append(imgs), clean.append((inst > 0).astype(np.uint8))
-            noisy.append((inst > 0).astype(np.uint8))
-            server_val.extend(range(offset, offset + k))
-            offset += k
+            mask = (inst > 0).astype(np.uint8)
+            server_rows.append((imgs, mask, mask))
+            server_val.extend(range(server_offset, server_offset + k))
+            server_offset += k
     manifest = {
         "federation": plan.name,
         "seed": plan.seed,
@@ -351,8 +364,8 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
         "server_val": server_val,
         "nodes": nodes,
     }
-    arrays = {"images": np.concatenate(images), "clean": np.concatenate(clean),
-              "noisy": np.concatenate(noisy)}
+    chunks = node_rows + test_rows + server_rows
+    arrays = {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(ARRAYS)}
     return FederationStore(write_store(path, arrays, manifest))
 
 

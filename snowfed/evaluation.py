@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from snowfed.metrics import Confusion, classification_metrics
+from snowfed.store import tensor_view
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 NHWC -> float NCHW in [0, 1] (a new tensor; `images` may be a read-only store view)."""
+    return tensor_view(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 
 from snowfed.config import ConfigError, require_int, require_number
 from snowfed.models import stage_keys
+from snowfed.store import take_rows
 
 from .augment import AUGMENTATIONS, Augmentation
 from .init import INITS, Init
@@ -139,6 +140,13 @@ class LocalStrategy:
                 f"label transform {spec.label_transform!r} works on binary masks, but this node's "
                 f"labels go up to {labels.max()}"
             )
+        # the verified images: a slice (no copy) when they are one run of rows, as in a store
+        rows = None
+        if verified is not None:
+            verified = np.asarray(verified)
+            if verified.dtype == bool and len(verified) != len(images):
+                raise ValueError(f"verified marks {len(verified)} images, the node has {len(images)}")
+            rows = np.flatnonzero(verified) if verified.dtype == bool else verified
         return cls(
             spec=spec,
             sampler=make("sampler", images, labels),
@@ -146,8 +154,8 @@ class LocalStrategy:
             label_transform=make("label_transform"),
             augmentation=make("augmentation"),
             init=make("init"),
-            teacher=make("teacher", images[verified] if verified is not None else None,
-                         labels[verified] if verified is not None else None),
+            teacher=make("teacher", take_rows(images, rows) if rows is not None else None,
+                         take_rows(labels, rows) if rows is not None else None),
             images=images,
         )
 

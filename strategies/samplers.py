@@ -17,13 +17,17 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from snowfed.store import tensor_view
+
 from .parts import Part
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    # One contiguous tensor copy per node, made once and reused across rounds.
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return x, torch.from_numpy(np.ascontiguousarray(labels)).long()
+    """The node's arrays as tensors made once and reused across rounds: views of them when they
+    are C-contiguous (a store's slices are: no copy per node), in their own dtypes. Labels stay
+    as stored (uint8 masks) and each batch is cast to int64, rather than the node holding an
+    int64 copy eight times the size of its masks."""
+    return tensor_view(images).permute(0, 3, 1, 2), tensor_view(labels)
 
 
 def _crop(
@@ -31,7 +35,7 @@ def _crop(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.stack([images[i, :, y : y + size, c : c + size] for i, y, c in zip(idx, ys, xs)])
     t = torch.stack([labels[i, y : y + size, c : c + size] for i, y, c in zip(idx, ys, xs)])
-    return x.float().div_(255.0), t
+    return x.float().div_(255.0), t.long()
 
 
 class RandomTileSampler:
@@ -57,7 +61,7 @@ class RandomTileSampler:
         if idx is None:
             idx = torch.randint(n, (batch_size,), generator=generator)
         if self.whole_images:
-            return self.images[idx].float().div_(255.0), self.labels[idx]
+            return self.images[idx].float().div_(255.0), self.labels[idx].long()
         batch_size = len(idx)
         ys = torch.randint(h - tile_size + 1, (batch_size,), generator=generator)
         xs = torch.randint(w - tile_size + 1, (batch_size,), generator=generator)
@@ -87,10 +91,12 @@ class PositiveTileSampler:
                 f"sampler 'positive' needs annotated pixels, but none of this node's {len(images)} "
                 "training images has any; give this node another sampler (e.g. 'random')"
             )
-        self.images, self.labels = _to_tensors(images[annotated], labels[annotated])
+        # all the node's images (views, no copy); tiles come from the annotated rows only
+        self.images, self.labels = _to_tensors(images, labels)
+        self.rows = torch.from_numpy(annotated)
         pixels, object_sizes, image_objects = [], [], []
-        for mask in self.labels.numpy():
-            objects, n = ndimage.label(mask > 0, structure=np.ones((3, 3)))
+        for i in annotated:
+            objects, n = ndimage.label(np.asarray(labels[i]) > 0, structure=np.ones((3, 3)))
             flat = objects.ravel()
             fg = np.flatnonzero(flat)
             pixels.append(fg[np.argsort(flat[fg], kind="stable")])  # grouped by object
@@ -106,16 +112,16 @@ class PositiveTileSampler:
 
     @property
     def num_images(self) -> int:
-        return len(self.images)  # the annotated images only
+        return len(self.rows)  # the annotated images only
 
     def __call__(
         self, batch_size: int, tile_size: int, generator: torch.Generator,
         idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = self.images.shape
+        n, (_, _, h, w) = len(self.rows), self.images.shape
         tile_size = min(tile_size, h, w)
         if idx is None:
-            idx = torch.randint(n, (batch_size,), generator=generator)
+            idx = torch.randint(n, (batch_size,), generator=generator)  # among the annotated images
         batch_size = len(idx)
         u = torch.rand(4, batch_size, generator=generator, dtype=torch.float64)
 
@@ -127,7 +133,7 @@ class PositiveTileSampler:
         py, px = pixel // w, pixel % w
         ys = (py - (u[2] * tile_size).long()).clamp(0, h - tile_size)
         xs = (px - (u[3] * tile_size).long()).clamp(0, w - tile_size)
-        return _crop(self.images, self.labels, idx, ys, xs, tile_size)
+        return _crop(self.images, self.labels, self.rows[idx], ys, xs, tile_size)
 
 
 SAMPLERS: dict[str, Part] = {
