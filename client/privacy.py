@@ -22,10 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 
 from snowfed.rundir import atomic_write_json
 
@@ -49,6 +45,10 @@ def resolve_dp(
 ) -> DPSettings:
     """A site's settings from `privacy.*`: q = batch_size / num_images; with `target_epsilon`
     the noise multiplier is Opacus's smallest one that spends it over `planned_steps`."""
+    # Opacus is imported where it is used: importing it takes ~1.6 s, which every Ray actor would
+    # pay at start-up even in runs without DP-SGD.
+    from opacus.accountants.utils import get_noise_multiplier
+
     sample_rate = min(1.0, batch_size / num_images)
     sigma = privacy.get("noise_multiplier")
     if privacy.get("target_epsilon") is not None:
@@ -62,6 +62,8 @@ def resolve_dp(
 
 def epsilon(settings: DPSettings, steps: int) -> float:
     """Opacus's RDP accountant: epsilon spent after `steps` DP-SGD steps at `delta`."""
+    from opacus.accountants import RDPAccountant
+
     if steps == 0:
         return 0.0
     accountant = RDPAccountant()
@@ -97,6 +99,9 @@ def dp_sgd_steps(
 ) -> list[float]:
     """`steps` DP-SGD steps; `step_loss(model, image_indices)` is the strategy's loss on tiles
     of those images (mean over the batch). Returns each step's loss (nan for an empty sample)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     device = trainable[0].device
     noise = torch.Generator(device=device).manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)))

@@ -21,7 +21,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from opacus.accountants import RDPAccountant
 
 WRAPPERS = {
     ("central_dp_fixed", "server"): DifferentialPrivacyServerSideFixedClipping,
@@ -51,6 +50,8 @@ def central_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, de
         return 0.0
     if noise_multiplier <= 0:
         return float("inf")
+    from opacus.accountants import RDPAccountant  # here: importing Opacus takes ~1.6 s
+
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(delta))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,6 +64,8 @@ def _rms_normalise(field: torch.Tensor) -> torch.Tensor:
 
 def elastic_field(n: int, h: int, w: int, sigma: float, generator, device) -> torch.Tensor:
     """Smooth random displacement (N, 2, H, W), unit RMS: white noise blurred by a Gaussian."""
+    import kornia  # where used: ~0.5 s to import, which every Ray actor would pay at start-up
+
     noise = _randn(generator, device, n, 2, h, w)
     size = 2 * math.ceil(3 * sigma) + 1
     blurred = kornia.filters.gaussian_blur2d(noise, (size, size), (sigma, sigma), border_type="reflect")
@@ -147,6 +148,8 @@ def histo(
     neither has a Fourier-domain distortion or an optical-density stain jitter on our H/E vectors.
     So the randomness is drawn here and only the deterministic kernels (blur, HSV) are borrowed.
     """
+
+    import kornia  # where used: ~0.5 s to import, which every Ray actor would pay at start-up
 
     def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
         n, _, h, w = x.shape

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,37 @@ def test_classification_metrics():
     assert m["accuracy"] == 0.5 and m["balanced_accuracy"] == pytest.approx(1 / 3)
     assert m["f1"] == pytest.approx((2 / 3) / 3)  # macro: only class 0 scores
     assert m["auc"] == 0.5  # constant scores rank nothing
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_classification_metrics_match_scikit_learn(seed):
+    """The numpy metrics against scikit-learn's own, with absent classes, ties and a tiny split."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    rng = np.random.default_rng(seed)
+    n, c = [(200, 5), (7, 4), (50, 10), (30, 3), (12, 6), (100, 2)][seed]
+    labels = rng.integers(0, max(c - 1, 2), n)  # the last class never occurs (seed > 0)
+    probs = np.round(rng.dirichlet(np.ones(c), n), 1)  # rounded: many ties
+    pred = probs.argmax(axis=1)
+    macro = {"labels": list(range(c)), "average": "macro", "zero_division": 0}
+    present = [k for k in range(c) if 0 < np.sum(labels == k) < n]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = {"accuracy": accuracy_score(labels, pred),
+                    "balanced_accuracy": balanced_accuracy_score(labels, pred),
+                    "f1": f1_score(labels, pred, **macro),
+                    "precision": precision_score(labels, pred, **macro),
+                    "recall": recall_score(labels, pred, **macro),
+                    "auc": np.mean([roc_auc_score(labels == k, probs[:, k]) for k in present])}
+    got = classification_metrics(labels, probs)
+    assert got == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["smallcnn", "resnet"])
