@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,23 +63,41 @@ class _Node:
     saved: dict[str, Any] = field(default_factory=dict)  # the memory entries as last written
 
 
-_NODES: dict[tuple[str, int], _Node] = {}
-# One network per process and store, shared by every node this process runs: each handler loads
-# the received weights into it first, so nodes never see each other's, and a process that runs
-# 1000 virtual sites holds one model, not 1000.
-_MODELS: dict[str, torch.nn.Module] = {}
+@dataclass
+class _StoreNodes:
+    """What a process keeps of one federation store: the nodes it has run and one network,
+    shared by them (each handler loads the received weights into it first, so nodes never see
+    each other's, and a process that runs 1000 virtual sites holds one model, not 1000)."""
+
+    store: FederationStore  # opened once: its manifest lists every site's rows (MBs at 1000 sites)
+    model: torch.nn.Module
+    nodes: dict[int, _Node] = field(default_factory=dict)
 
 
-def _model_skeleton(store: FederationStore, device: torch.device) -> torch.nn.Module:
-    key = str(store.path)
-    if key not in _MODELS:
-        model_cfg = store.manifest["model"]
-        _MODELS[key] = build_model(
-            model_cfg["name"],
-            num_classes=store.manifest["num_classes"],
-            **{k: v for k, v in model_cfg.items() if k != "name"},
-        ).to(device)
-    return _MODELS[key]
+# By store path, least recently used first. A sweep runs many federations (one store each) in
+# the same Ray actors; the nodes of stores no longer in use are dropped, so memory does not grow
+# with the number of runs. More stores than this in use at once would rebuild nodes each round.
+_STORES: OrderedDict[str, _StoreNodes] = OrderedDict()
+STORES_KEPT = 8
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _store_nodes(store_path: str, device: torch.device, store: FederationStore | None = None
+                 ) -> _StoreNodes:
+    if store_path in _STORES:
+        _STORES.move_to_end(store_path)
+        return _STORES[store_path]
+    store = store or FederationStore(store_path)
+    model_cfg = store.manifest["model"]
+    model = build_model(model_cfg["name"], num_classes=store.manifest["num_classes"],
+                        **{k: v for k, v in model_cfg.items() if k != "name"}).to(device)
+    _STORES[store_path] = _StoreNodes(store, model)
+    while len(_STORES) > STORES_KEPT:
+        _STORES.popitem(last=False)
+    return _STORES[store_path]
 
 
 DATA_PATH, DATA_FORMAT = "data-path", "data-format"  # the SuperNode's --node-config keys
@@ -108,29 +127,29 @@ def _store_path(config, node_config) -> str:
 def _node(msg: Message, context: Context) -> _Node:
     config = msg.content["config"]
     store_path, partition_id = _store_path(config, context.node_config), _partition_id(context)
-    key = (store_path, partition_id)
-    if key not in _NODES:
-        store = FederationStore(store_path)
-        entry = store.node(partition_id)
-        data = store.node_data(partition_id)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = _model_skeleton(store, device)
-        strategy = LocalStrategy.build(
-            StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
-        )
-        memory_dir = store.path / MEMORY_DIR / str(partition_id)
-        privacy = store.manifest.get("privacy", {"name": "none"})
-        dp = None
-        if privacy["name"] == "dp_sgd":
-            spec = strategy.spec
-            dp = resolve_dp(privacy, strategy.sampler.num_images, spec.batch_size,
-                            int(store.manifest["rounds"]) * spec.local_steps)
-        node = _Node(partition_id, data, strategy, model, device, memory_dir, entry.get("failure"), dp)
-        for file in sorted(memory_dir.glob("*.pt")):
-            node.memory[file.stem] = torch.load(file, map_location="cpu", weights_only=True)
-            node.saved[file.stem] = node.memory[file.stem]
-        _NODES[key] = node
-    return _NODES[key]
+    device = _device()
+    shared = _store_nodes(store_path, device)
+    if partition_id in shared.nodes:
+        return shared.nodes[partition_id]
+    store = shared.store
+    entry = store.node(partition_id)
+    data = store.node_data(partition_id)
+    strategy = LocalStrategy.build(
+        StrategySpec(**entry["strategy"]), data.images, data.labels, data.verified
+    )
+    memory_dir = store.path / MEMORY_DIR / str(partition_id)
+    privacy = store.manifest.get("privacy", {"name": "none"})
+    dp = None
+    if privacy["name"] == "dp_sgd":
+        spec = strategy.spec
+        dp = resolve_dp(privacy, strategy.sampler.num_images, spec.batch_size,
+                        int(store.manifest["rounds"]) * spec.local_steps)
+    node = _Node(partition_id, data, strategy, shared.model, device, memory_dir, entry.get("failure"), dp)
+    for file in sorted(memory_dir.glob("*.pt")):
+        node.memory[file.stem] = torch.load(file, map_location="cpu", weights_only=True)
+        node.saved[file.stem] = node.memory[file.stem]
+    shared.nodes[partition_id] = node
+    return node
 
 
 def _save_memory(node: _Node) -> None:
@@ -176,7 +195,8 @@ def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
     config = msg.content["config"]
     if KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
-    privacy = FederationStore(_store_path(config, context.node_config)).manifest["privacy"]["name"]
+    store = _store_nodes(_store_path(config, context.node_config), _device()).store
+    privacy = store.manifest["privacy"]["name"]
     mod = adaptiveclipping_mod if privacy == "central_dp_adaptive" else fixedclipping_mod
     return mod(msg, context, call_next)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +55,37 @@ class FederationStopped(RuntimeError):
     """Too few sites replied in a round to go on; the run ends `failed` with this reason."""
 
 
+# Flower's strategies sample sites with Python's global `random`, central DP draws its noise from
+# numpy's global RNG and a model's init from torch's. A sweep (snowfed.sim.sweep) runs several
+# federations in threads of one process, so each run keeps its own states (RunRandomness) and
+# swaps them in under this lock around every call that draws.
+_GLOBAL_RNG = threading.Lock()
+
+
+class RunRandomness:
+    """One run's states of Python's and numpy's global RNGs, checkpointed with the run."""
+
+    def __init__(self, seed: int):
+        self.python = random.Random(seed).getstate()
+        self.numpy = np.random.RandomState(seed).get_state()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        with _GLOBAL_RNG:
+            random.setstate(self.python)
+            np.random.set_state(self.numpy)
+            try:
+                yield
+            finally:
+                self.python, self.numpy = random.getstate(), np.random.get_state()
+
+
 def build_global_model(model_cfg: Mapping[str, Any], num_classes: int, seed: int) -> torch.nn.Module:
     """The initial global model, seeded so every run with the same seed starts identical."""
-    torch.manual_seed(seed)
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
-    return build_model(model_cfg["name"], num_classes=num_classes, **kwargs)
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(model_cfg["name"], num_classes=num_classes, **kwargs)
 
 
 def save_model(folder: Path, state_dict: Mapping[str, torch.Tensor], name: str = FINAL_MODEL) -> None:
@@ -72,18 +100,54 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     return {k: v for k, v in vars(strategy).items() if not callable(v)}
 
 
-def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) -> list[int]:
+def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) -> dict[int, int]:
     """Ask every connected node which partition it is, so that a node that never replies is
-    still recorded under its hospital's name."""
+    still recorded under its hospital's name; the partition of each node that replied."""
     node_ids = list(grid.get_node_ids())
     config = ConfigRecord({"store": store_path} if store_path else {})
     messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
                         message_type="query.identify") for nid in node_ids]
+    partitions = {}
     for reply in grid.send_and_receive(messages, timeout=600):
         if not reply.has_error():
             partition = int(reply.content["metrics"][NODE_KEY])
+            partitions[reply.metadata.src_node_id] = partition
             recorder.names_by_node_id[reply.metadata.src_node_id] = recorder.node_names[partition]
-    return node_ids
+    return partitions
+
+
+class PartitionOrderedGrid(Grid):
+    """A Grid that lists its nodes in partition order and otherwise passes everything on.
+
+    Flower's strategies sample sites with `random.sample(list(grid.get_node_ids()), k)`, and the
+    simulation's node ids are random numbers returned as a set: with the same seed, each run
+    sampled different sites. Listed by partition, the seed alone decides which sites train."""
+
+    def __init__(self, grid: Grid, partitions: Mapping[int, int]):
+        self._grid, self._partitions = grid, dict(partitions)
+
+    def get_node_ids(self) -> list[int]:
+        last = len(self._partitions)
+        return sorted(self._grid.get_node_ids(), key=lambda n: (self._partitions.get(n, last), n))
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def _exchange(
@@ -136,19 +200,19 @@ def run_federation(
         recorder.record_global(server_round, metrics)
         completed[server_round] = metrics
 
+    rng = RunRandomness(int(cfg["seed"]))
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         save_checkpoint(run_dir, server_round, {
             "arrays": arrays.to_torch_state_dict(),
             "strategy": strategy_state(strategy),
-            "random": random.getstate(),  # Flower samples sites with Python's `random`
-            "numpy_random": np.random.get_state(),  # and draws central-DP noise with numpy's
+            "random": rng.python,  # Flower samples sites with Python's `random`
+            "numpy_random": rng.numpy,  # and draws central-DP noise with numpy's
             "metrics": completed[server_round],
         })
 
     saved = load_checkpoint(run_dir)
     if saved is None:
-        random.seed(cfg["seed"])
-        np.random.seed(cfg["seed"])
         keep_rounds_upto(run_dir / METRICS, -1)
         arrays = ArrayRecord(model.state_dict())
         evaluate_global(0, arrays)
@@ -157,18 +221,23 @@ def run_federation(
         keep_rounds_upto(run_dir / METRICS, saved["round"])
         arrays = ArrayRecord(saved["arrays"])
         vars(strategy).update(saved["strategy"])
-        random.setstate(saved["random"])
-        np.random.set_state(saved["numpy_random"])
+        rng.python, rng.numpy = saved["random"], saved["numpy_random"]
         completed[saved["round"]] = saved["metrics"]
 
     shared = {"store": str(store.path.resolve())} if share_store else {}
-    node_ids = identify_nodes(grid, recorder, shared.get("store"))
+    if hasattr(grid, "pull_interval"):  # the simulation's InMemoryGrid polls for replies every
+        grid.pull_interval = 0.01  # 0.1 s by default: up to 0.2 s idle per round at every site
+    partitions = identify_nodes(grid, recorder, shared.get("store"))
+    grid = PartitionOrderedGrid(grid, partitions)
+    node_ids = grid.get_node_ids()
     node_config = {**shared, "seed": int(cfg["seed"])}
     for rnd in range(max(completed) + 1, int(cfg["rounds"]) + 1):
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
+        with rng.active():
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
         replies, missing = _exchange(grid, messages, timeout)
         valid = [m for m in replies if not m.has_error()]
-        aggregated, _ = strategy.aggregate_train(rnd, replies) if valid else (None, None)
+        with rng.active():
+            aggregated, _ = strategy.aggregate_train(rnd, replies) if valid else (None, None)
         recorder.record_replies(rnd, "train", replies, missing, timeout)
         if len(valid) < min_replies:
             left_out = [recorder.name_of(m.metadata.src_node_id) for m in replies if m.has_error()]
@@ -179,7 +248,9 @@ def run_federation(
                 "see metrics.jsonl)")
         if aggregated is not None:
             arrays = aggregated
-        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(node_config)), grid))
+        with rng.active():
+            messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(node_config)),
+                                                        grid))
         replies, missing = _exchange(grid, messages, timeout)
         recorder.record_replies(rnd, "evaluate", replies, missing, timeout)
         evaluate_global(rnd, arrays)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ class _DropRunSimulationDeprecation(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
-def _quiet_flower(verbose: bool) -> None:
+def quiet_flower(verbose: bool) -> None:
     """Flower logs every round at INFO; snowfed prints its own progress instead."""
     logger = logging.getLogger("flwr")
     # Flower's simulation imports alembic, whose plugin registry logs a line per plugin at INFO
@@ -250,9 +250,11 @@ def _validate_central_dp(cfg: Mapping[str, Any]) -> None:
 RESUME_OVERRIDES = ("rounds", "verbose", "personalize_steps")
 
 
-def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+           federate: Federate | None = None, quiet: bool = False) -> dict[str, Any]:
     """Continue the run in `run_dir` from its last checkpoint, with its own config.yaml (only
-    RESUME_OVERRIDES may change, e.g. more rounds); returns the new summary."""
+    RESUME_OVERRIDES may change, e.g. more rounds); returns the new summary. `federate` and
+    `quiet` as for `run`."""
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     for key in overrides:
@@ -261,10 +263,11 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None) -> d
                 f"may change only {', '.join(RESUME_OVERRIDES)}")
     require((run_dir / CONFIG).is_file(), "resume", str(run_dir), "a run directory (with config.yaml)")
     with run_lock(run_dir):
-        return _resume_locked(run_dir, overrides)
+        return _resume_locked(run_dir, overrides, federate, quiet)
 
 
-def _resume_locked(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def _resume_locked(run_dir: Path, overrides: dict[str, Any], federate: Federate | None,
+                   quiet: bool) -> dict[str, Any]:
     saved = load_checkpoint(run_dir)
     require(saved is not None, "resume", str(run_dir),
             "a run directory with a checkpoint.pt (this run stopped before its first round was "
@@ -276,34 +279,49 @@ def _resume_locked(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     require(saved["round"] <= cfg["rounds"] and not finished, "rounds", cfg["rounds"],
             f"more than the {saved['round']} rounds this run has completed already")
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    return _run_locked(cfg, run_dir, resuming=True)
+    return _run_locked(cfg, run_dir, True, federate, quiet)
+
+
+# How a federated run's rounds are carried out: (cfg, plan, store, run_dir, on_round) -> the
+# server's FederationResult. `simulate` (the default) starts Flower's simulation engine for this
+# run alone; a sweep (sim.sweep) runs many federations on one simulation's Grid.
+Federate = Callable[..., Any]
+
+
+RoundHook = Callable[[int, dict, dict[str, float]], None]  # (round, global metrics, node f1)
 
 
 def run(
-    cfg: DictConfig | Mapping[str, Any], run_dir: str | Path, resuming: bool = False
+    cfg: DictConfig | Mapping[str, Any], run_dir: str | Path, resuming: bool = False,
+    federate: Federate | None = None, quiet: bool = False, on_round: RoundHook | None = None,
 ) -> dict[str, Any]:
     """Run one simulation to its end; returns the summary (also written to summary.json).
-    `resuming`: the run directory holds this run's store and checkpoint (see `resume`)."""
+    `resuming`: the run directory holds this run's store and checkpoint (see `resume`).
+    `federate`: how the rounds are run (default `simulate`); `quiet`: no per-round lines;
+    `on_round`: also called after each evaluated round (round 0 is the initial model)."""
     cfg = plain_config(cfg)
     run_dir = Path(run_dir)
     with run_lock(run_dir):
-        return _run_locked(cfg, run_dir, resuming)
+        return _run_locked(cfg, run_dir, resuming, federate, quiet, on_round)
 
 
-def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str, Any]:
+def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Federate | None = None,
+                quiet: bool = False, hook: RoundHook | None = None) -> dict[str, Any]:
     from snowfed.server.app import FederationStopped
 
     if resuming:
         plan, store = validate(cfg), FederationStore(run_dir / STORE_DIR)
     else:
         plan, store = prepare(cfg, run_dir)
-    _quiet_flower(verbose=bool(cfg.get("verbose", False)))
-    progress = RoundProgress(cfg["rounds"])
+    progress = None if quiet else RoundProgress(cfg["rounds"])
     tracking = RunTracking(cfg, run_dir, resuming)  # logger=...; never stops the run
 
     def on_round(rnd: int, global_metrics: dict, node_f1: dict[str, float]) -> None:
-        progress.update(rnd, global_metrics, node_f1)
+        if progress is not None:
+            progress.update(rnd, global_metrics, node_f1)
         tracking.on_round(rnd, global_metrics, node_f1)
+        if hook is not None:
+            hook(rnd, global_metrics, node_f1)
 
     earlier = _earlier_wall_time(run_dir) if resuming else 0.0
     start = time.monotonic()
@@ -314,7 +332,7 @@ def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool) -> dict[str,
 
             result = run_reference(cfg, store, run_dir, on_round)
         else:
-            result = _simulate(cfg, plan, store, run_dir, on_round)
+            result = (federate or simulate)(cfg, plan, store, run_dir, on_round)
         if result is not None and result.rounds_completed == cfg["rounds"]:
             status = "completed"
         else:
@@ -345,12 +363,32 @@ def _earlier_wall_time(run_dir: Path) -> float:
         return 0.0
 
 
-def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
-    """The federation under Flower's simulation engine (Ray backend); the server's result."""
-    from flwr.serverapp import ServerApp
+def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any]) -> None:
+    """Flower's simulation engine (Ray backend) with snowfed's ClientApp on `num_sites` nodes.
+
+    Ray is started here, before the engine would start it, without the runtime_env Flower adds
+    (a PYTHONPATH for apps it installs itself; snowfed is installed in this interpreter): the
+    worker processes Ray starts at init then host the actors at once, instead of new workers
+    being started for that runtime_env. Flower's backend skips ray.init when Ray is up and shuts
+    Ray down when the simulation ends."""
+    import ray
     from flwr.simulation import run_simulation
 
     from snowfed.client.app import app as client_app
+
+    verbose = bool(cfg.get("verbose", False))
+    quiet_flower(verbose)
+    backend = backend_config(cfg["backend"])
+    if not ray.is_initialized():
+        ray.init(**{"include_dashboard": False, **backend["init_args"]})
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                   backend_config=backend, verbose_logging=verbose)
+
+
+def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
+    """The federation under Flower's simulation engine (Ray backend); the server's result."""
+    from flwr.serverapp import ServerApp
+
     from snowfed.server.app import run_federation
 
     outcome: dict[str, Any] = {}
@@ -363,13 +401,7 @@ def _simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
         except Exception as exc:  # Flower only logs a ServerApp's exception; raise it here
             outcome["error"] = exc
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=len(plan.hospitals),
-        backend_config=backend_config(cfg["backend"]),
-        verbose_logging=bool(cfg.get("verbose", False)),
-    )
+    run_engine(server_app, len(plan.hospitals), cfg)
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")

@@ -4,6 +4,7 @@
     snowfed run -m [SWEEP OVERRIDES]   a Hydra multirun sweep (e.g. seed=0,1,2)
     snowfed run resume=DIR [rounds=N]  continue a stopped run from its last checkpoint
     snowfed report DIR... [FLAGS]      a table of finished runs (e.g. strategy x noise preset)
+    snowfed bench [--quick]            snowfed against stock Flower and a plain PyTorch loop
     snowfed prepare DIR [OVERRIDES]    only write the federation store (a real deployment's data)
 
 The CLI sits on top of the stack, so its command handlers import `snowfed.sim` lazily: the core
@@ -14,10 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
-from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose, sweep_size
+from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose
 from snowfed.data.loaders import DataError
 
 USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
@@ -36,6 +36,8 @@ USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
              metric_vs_noise.png (--noise-key KEY: a numeric config key as the noise level,
              default the measured label noise) and quality_quantity.png;
              --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
+  bench      [--quick] [--only W1,W2,S,MEM] [--out DIR]: snowfed against a stock Flower app and a
+             plain PyTorch loop on the same work; the last line holds the ratios (docs/benchmarks.md)
   prepare    DIR [OVERRIDE ...]: validate the config and write its federation store to DIR,
              without training: the data of a real deployment's rehearsal (docs/deployment.md)
 
@@ -43,7 +45,6 @@ Config groups: task dataset model federation noise strategy aggregation privacy 
 (`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
 """
 
-SWEEP_ENV = "SNOWFED_SWEEP"  # "<jobs> <start time>" of the running sweep, for its progress line
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 BAD_INPUT = (ConfigError, DataError)  # a config key or a data file that cannot work
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return report_command(args)
     if command == "prepare":
         return prepare_command(args)
+    if command == "bench":
+        from snowfed.sim.bench import main as bench_main
+
+        return bench_main(args)
     if command != "run":
         print(f"snowfed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -157,6 +162,11 @@ def prepare_command(args: list[str]) -> int:
 def run_command(args: list[str]) -> int:
     from snowfed.sim.runner import plain_config, validate
 
+    try:
+        args, parallel = _parallel_flag(args)
+    except ConfigError as err:
+        print(f"snowfed: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     overrides = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
     multirun = any(a in ("-m", "--multirun") for a in args)
     if any(o.startswith("resume=") for o in overrides) and not multirun:
@@ -168,15 +178,47 @@ def run_command(args: list[str]) -> int:
     except BAD_INPUT as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    if multirun:  # the jobs print their place in the sweep and the time left
-        os.environ[SWEEP_ENV] = f"{sweep_size(overrides)} {time.time()}"
     sys.argv = ["snowfed-run", *args]
+    _SWEEP_JOBS.clear()
     with _interrupt_exits():
         try:
-            _hydra_run()
+            _hydra_run()  # a multirun only collects its jobs (`_job`); they run below, together
         except SystemExit as exit_:
             return int(exit_.code or 0)
+        if multirun:
+            return _run_sweep(parallel)
     return 0
+
+
+_SWEEP_JOBS: list = []  # the jobs Hydra's multirun laid out (config and directory of each)
+
+
+def _parallel_flag(args: list[str]) -> tuple[list[str], int | str]:
+    """`--parallel N|auto` (a sweep's runs at once in its simulation), taken out of the args."""
+    if "--parallel" not in args:
+        return args, "auto"
+    i = args.index("--parallel")
+    value = args[i + 1] if i + 1 < len(args) else ""
+    if value != "auto":
+        if not value.isdigit():
+            raise ConfigError("--parallel", value, "auto or a whole number of runs")
+        value = int(value)
+    return args[:i] + args[i + 2 :], value
+
+
+def _run_sweep(parallel: int | str) -> int:
+    from snowfed.sim.sweep import run_sweep
+
+    try:
+        outcomes = run_sweep(_SWEEP_JOBS, parallel)
+    except BAD_INPUT as err:
+        print(f"snowfed: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    print("sweep finished: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return 0 if set(counts) <= {"completed", "skipped"} else EXIT_FAILED
 
 
 def resume_command(overrides: list[str]) -> int:
@@ -222,54 +264,24 @@ def _print_outcome(summary: dict, run_dir: Path) -> None:
 
 
 def _job(cfg) -> None:
-    """One Hydra job: the run directory is Hydra's output directory (`run_dir`).
-
-    In a sweep, a job whose directory already holds a completed run is skipped, an unfinished
-    run with a checkpoint is resumed from it, and one without (stopped before round 0 was
-    evaluated) is moved aside (kept, never deleted) and run again: a sweep stopped half-way and
-    started again with the same command runs only what is missing.
-    """
+    """One Hydra job: the run directory is Hydra's output directory (`run_dir`). A multirun's
+    jobs are only collected here; `snowfed.sim.sweep` then runs them in one simulation (and
+    skips or resumes what an earlier start of the same sweep left)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from snowfed.rundir import CHECKPOINT, SUMMARY, read_summary_status
-    from snowfed.sim.runner import resume, run
+    from snowfed.sim.runner import plain_config, run
+    from snowfed.sim.sweep import Job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    if multirun:
-        _sweep_progress(int(hydra_cfg.job.num))
-        status = read_summary_status(run_dir)
-        if status == "completed":
-            print(f"done already: {run_dir} (skipped)")
-            return
-        if (run_dir / CHECKPOINT).exists():
-            print(f"unfinished run: {run_dir}; resuming it from its checkpoint")
-            summary = resume(run_dir)
-            _print_outcome(summary, run_dir)
-            return
-        if status is not None or (run_dir / SUMMARY).exists() or any(run_dir.glob("*.jsonl")):
-            aside = run_dir.with_name(f"{run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            print(f"unfinished run moved to {aside}; running it again")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        _SWEEP_JOBS.append(Job(plain_config(cfg), run_dir))
+        return
     summary = run(cfg, run_dir)
     _print_outcome(summary, run_dir)
-    if summary["status"] != "completed" and not multirun:
+    if summary["status"] != "completed":
         sys.exit(EXIT_FAILED)
-
-
-def _sweep_progress(job: int) -> None:
-    """`sweep 4/12 | 3m elapsed, ~6m left` before each job (the estimate: the mean time of the
-    jobs before it, skipped ones included)."""
-    total, _, start = os.environ.get(SWEEP_ENV, "").partition(" ")
-    if not total:
-        return
-    elapsed = time.time() - float(start)
-    line = f"sweep {job + 1}/{total} | {elapsed / 60:.0f}m elapsed"
-    if job:
-        line += f", ~{elapsed / job * (int(total) - job) / 60:.0f}m left"
-    print(line, file=sys.stderr, flush=True)
 
 
 def _hydra_run() -> None:

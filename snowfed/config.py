@@ -69,18 +69,6 @@ def check_group_overrides(overrides: Iterable[str]) -> None:
                 raise ConfigError(key, item, f"one of {', '.join(options)}")
 
 
-def sweep_size(overrides: Iterable[str]) -> int:
-    """How many jobs a multirun of these overrides launches (the product of the comma-separated
-    choices; mapping or list values count once, whatever commas they hold)."""
-    total = 1
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.startswith("hydra.") or value.strip().startswith(("{", "[")):
-            continue
-        total *= max(1, len(_sweep_items(value)))
-    return total
-
-
 def _sweep_items(value: str) -> list[str]:
     """The choices of a Hydra override value: `a,b` -> [a, b]; `choice(a,b)` -> [a, b]."""
     value = value.strip()

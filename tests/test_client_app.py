@@ -39,7 +39,7 @@ def test_node_memory_survives_a_fresh_process(smoke_cfg, tmp_path):
 
     client_app.train(_train_message(store, first, 1), context)
     assert (store.path / "node-memory" / "1" / "init.pt").exists()
-    client_app._NODES.clear()  # a new actor or process: only the disk remembers
+    client_app._STORES.clear()  # a new actor or process: only the disk remembers
     other = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in first.items()}
     reply = client_app.train(_train_message(store, other, 2), context)
 
@@ -56,7 +56,7 @@ def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
     state = build_global_model(smoke_cfg["model"], 2, seed=0).state_dict()
 
     def reply(**extra):
-        client_app._NODES.clear()
+        client_app._STORES.clear()
         context = Context(run_id=1, node_id=0, node_config={"partition-id": 0},
                           state=RecordDict(), run_config={})
         msg = client_app.train(_train_message(store, state, 1, **extra), context)
@@ -80,13 +80,11 @@ def test_nodes_of_one_process_share_one_model_and_never_see_each_others_weights(
         reply = client_app.train(_train_message(store, state, 1), context)
         return reply.content["arrays"].to_torch_state_dict()
 
-    client_app._NODES.clear()
-    client_app._MODELS.clear()
+    client_app._STORES.clear()
     alone = train(1)  # node 1 in a fresh process
-    client_app._NODES.clear()
-    client_app._MODELS.clear()
+    client_app._STORES.clear()
     train(0)
     after_other = train(1)  # node 1 after node 0 trained the same network object
-    nodes = list(client_app._NODES.values())
+    nodes = list(client_app._STORES[str(store.path)].nodes.values())
     assert len(nodes) == 2 and nodes[0].model is nodes[1].model
     assert all(torch.equal(alone[k], after_other[k]) for k in alone)

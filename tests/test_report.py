@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from snowfed.cli import main
-from snowfed.config import sweep_size
 from snowfed.sim.report import build_table, find_runs
 
 
@@ -64,12 +63,6 @@ def test_report_command_writes_markdown_and_csv(sweep, tmp_path, capsys):
         ("only_positive", "per-site")}
 
 
-def test_sweep_size_counts_the_jobs_of_a_multirun():
-    assert sweep_size(["federation=smoke", "seed=0,1,2", "strategy=a,b"]) == 6
-    assert sweep_size(["hydra.sweep.dir=x,y", "rounds=1"]) == 1
-    assert sweep_size(["federation.hospitals.1.noise={preset: noisy, p_remove: 0.2}", "seed=0,1"]) == 2
-
-
 def test_report_of_nothing_fails(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) != 0
     assert "no such run or sweep directory" in capsys.readouterr().err
@@ -88,7 +81,8 @@ def test_a_sweep_started_again_runs_only_what_is_missing(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "unfinished run moved to" in first.stdout
+    assert "unfinished run moved to" in first.stderr
+    assert "2 runs of 2 sites in one Flower simulation" in first.stderr  # Ray starts once
     assert "sweep 1/2 |" in first.stderr and "sweep 2/2 |" in first.stderr  # progress, with ETA
     assert "m left" in first.stderr
     moved = [p for p in sweep_dir.iterdir() if p.name.startswith(name.format(1) + ".unfinished-")]
@@ -98,7 +92,8 @@ def test_a_sweep_started_again_runs_only_what_is_missing(tmp_path):
         assert summary["status"] == "completed"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("(skipped)") == 2 and "round 1/1" not in again.stderr
+    assert again.stderr.count("skipped (done already)") == 2
+    assert "Flower simulation" not in again.stderr  # nothing left to run: Ray never starts
 
 
 def test_privacy_plot_puts_each_noise_level_at_its_epsilon(tmp_path, capsys):

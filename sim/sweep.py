@@ -1,0 +1,212 @@
+"""A sweep: many runs in one Flower simulation, so Ray, its actors and their imports start once
+per sweep instead of once per run.
+
+`snowfed run -m ...` lets Hydra expand the sweep and make each job's directory (with its
+`.hydra/` files); the jobs are then handed here together. Runs that share a simulation must have
+the same number of sites (Flower's simulation has a fixed set of SuperNodes) and the same Ray
+resources per client; other runs get a simulation of their own. Inside a simulation, `parallel`
+runs go at once, each in its own thread of the ServerApp, all on the one Grid: their messages
+queue for the same actor pool, so Ray is never asked for more than the machine has, while one
+run's server-side work (aggregation, evaluation, checkpoints) and message latency are filled by
+another run's client work. Each run's randomness stays its own (server.app.RunRandomness), so a
+run's results do not depend on what ran beside it.
+
+A sweep stopped half-way and started again with the same command runs only what is missing:
+a completed run is skipped, an unfinished one with a checkpoint resumes from it, and one without
+(stopped before round 0 was evaluated) is moved aside, kept, and run again. Reference
+aggregations (pooled, local) are not federated and run in this process, one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from snowfed.config import ConfigError, require
+from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
+from snowfed.server.aggregation import REFERENCES, sites_per_round
+
+from .runner import backend_config, plain_config, resume, run, run_engine, validate
+
+PARALLEL_MAX = 8  # the client keeps the nodes of this many stores (client.app.STORES_KEPT)
+
+
+@dataclass
+class Job:
+    """One run of the sweep: its resolved config and its directory."""
+
+    cfg: dict[str, Any]
+    run_dir: Path
+    action: str = "run"  # run | resume | skip (set by `plan_jobs`)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str  # completed | failed | interrupted | skipped | crashed
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def plan_jobs(jobs: Sequence[Job]) -> list[Any]:
+    """Validate every job's config before anything runs (an error names the job's directory) and
+    decide what each job needs: run, resume from its checkpoint, or skip (completed already)."""
+    plans = []
+    for job in jobs:
+        job.cfg = plain_config(job.cfg)
+        try:
+            plans.append(validate(job.cfg))
+        except ConfigError as err:
+            raise ConfigError(err.key, err.value, f"{err.allowed} (sweep job {job.run_dir})") from None
+        if read_summary_status(job.run_dir) == "completed":
+            job.action = "skip"
+        elif (job.run_dir / CHECKPOINT).exists():
+            job.action = "resume"
+    return plans
+
+
+def parallel_runs(setting: int | str, jobs: Sequence[Job], plans: Sequence[Any]) -> int:
+    """How many runs of one simulation go at once. `auto`: enough runs that the sites sampled per
+    round cover every actor Flower will start, plus one to fill the gaps between rounds; a number
+    is taken as given (at most PARALLEL_MAX)."""
+    if setting != "auto":
+        require(isinstance(setting, int) and 1 <= setting <= PARALLEL_MAX, "--parallel", setting,
+                f"auto or a whole number from 1 to {PARALLEL_MAX}")
+        return int(setting)
+    if not jobs:
+        return 1
+    actors = _actors(jobs[0].cfg)
+    per_round = min(sites_per_round(job.cfg["aggregation"], len(plan.hospitals))
+                    for job, plan in zip(jobs, plans))
+    return max(1, min(len(jobs), PARALLEL_MAX, math.ceil(actors / max(per_round, 1)) + 1))
+
+
+def _actors(cfg: dict[str, Any]) -> int:
+    """The actors Flower's Ray backend will start: the machine's CPUs (or GPUs) over a client's."""
+    resources = backend_config(cfg["backend"])
+    init_args = resources["init_args"]
+    client = resources["client_resources"]
+    actors = int((init_args.get("num_cpus") or os.cpu_count() or 1) // client["num_cpus"])
+    if client["num_gpus"] > 0:
+        gpus = init_args.get("num_gpus")
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        actors = min(actors, int(gpus // client["num_gpus"]))
+    return max(actors, 1)
+
+
+class SweepProgress:
+    """`sweep 4/12 | completed f1 0.812 | DIR | 3m elapsed, ~6m left` after each run."""
+
+    def __init__(self, total: int, stream: TextIO | None = None):
+        self.total, self.done, self.timed = total, 0, 0
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.lock = threading.Lock()
+
+    def finished(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.done += 1
+            self.timed += outcome.status != "skipped"
+            elapsed = time.monotonic() - self.start
+            left = ""
+            if self.timed and self.done < self.total:
+                left = f", ~{elapsed / self.timed * (self.total - self.done) / 60:.1f}m left"
+            what = outcome.status
+            if outcome.summary and "f1" in outcome.summary.get("global", {}):
+                what += f" f1 {outcome.summary['global']['f1']:.3f}"
+            if outcome.error:
+                what += f" ({outcome.error})"
+            print(f"sweep {self.done}/{self.total} | {what} | {outcome.job.run_dir} | "
+                  f"{elapsed / 60:.1f}m elapsed{left}", file=self.stream, flush=True)
+
+
+def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO | None = None
+              ) -> list[Outcome]:
+    """Run every job (see the module docstring); returns their outcomes in the jobs' order."""
+    parallel_runs(parallel, [], [])  # a bad --parallel stops the sweep before anything runs
+    plans = plan_jobs(jobs)
+    progress = SweepProgress(len(jobs), stream)
+    outcomes: dict[int, Outcome] = {}
+    federated: dict[str, list[int]] = {}
+    for i, (job, plan) in enumerate(zip(jobs, plans)):
+        if job.action == "skip":
+            outcomes[i] = Outcome(job, "skipped", error="done already")
+            progress.finished(outcomes[i])
+        elif job.cfg["aggregation"]["name"] in REFERENCES:
+            outcomes[i] = _run_job(job, federate=None)
+            progress.finished(outcomes[i])
+        else:
+            key = json.dumps([len(plan.hospitals), backend_config(job.cfg["backend"])], sort_keys=True)
+            federated.setdefault(key, []).append(i)
+    for indices in federated.values():
+        group = [jobs[i] for i in indices]
+        width = parallel_runs(parallel, group, [plans[i] for i in indices])
+        print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites in one "
+              f"Flower simulation, {width} at a time", file=progress.stream, flush=True)
+        num_sites = len(plans[indices[0]].hospitals)
+        for i, outcome in zip(indices, _simulate_group(group, num_sites, width, progress.finished)):
+            outcomes[i] = outcome
+    return [outcomes[i] for i in range(len(jobs))]
+
+
+def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Callable[[Outcome], None]
+                    ) -> list[Outcome]:
+    """One Flower simulation (Ray backend) whose ServerApp runs `jobs`, `width` at a time."""
+    from flwr.serverapp import ServerApp
+
+    from snowfed.server.app import run_federation
+
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        def federate(cfg, plan, store, run_dir, on_round):
+            return run_federation(grid, cfg, store, run_dir, on_round)
+
+        def one(i: int) -> None:
+            outcomes[i] = _run_job(jobs[i], federate)
+            finished(outcomes[i])
+
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="snowfed-run") as pool:
+            list(pool.map(one, range(len(jobs))))
+
+    run_engine(server_app, num_sites, jobs[0].cfg)
+    return [o or Outcome(job, "crashed", error="the simulation stopped before this run")
+            for job, o in zip(jobs, outcomes)]
+
+
+def _run_job(job: Job, federate) -> Outcome:
+    """One run (or its resumption); a crash is recorded in the outcome, not raised, so the
+    other runs of the sweep go on."""
+    try:
+        if job.action == "resume":
+            summary = resume(job.run_dir, federate=federate, quiet=True)
+        else:
+            _move_aside_unfinished(job.run_dir)
+            summary = run(job.cfg, job.run_dir, federate=federate, quiet=True)
+    except Exception as exc:  # noqa: BLE001 - reported per run; the sweep goes on
+        traceback.print_exc()
+        return Outcome(job, "crashed", error=f"{type(exc).__name__}: {exc}")
+    return Outcome(job, summary["status"], summary)
+
+
+def _move_aside_unfinished(run_dir: Path) -> None:
+    """A run stopped before its first checkpoint: keep what it left under another name."""
+    if (run_dir / SUMMARY).exists() or (run_dir / METRICS).exists():
+        aside = run_dir.with_name(f"{run_dir.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"unfinished run moved to {aside}; running it again", file=sys.stderr, flush=True)
