@@ -1,0 +1,326 @@
+"""`snowfed bench`: snowfed against stock Flower and a plain PyTorch loop, side by side.
+
+Three ways to do the same work, each in a fresh Python process (imports, Ray start and the data
+build are paid by each, as a user would pay them):
+
+- a, snowfed: `snowfed run` (one run) or a sweep (`snowfed run -m`: one simulation for all runs);
+- b, stock Flower (sim.bench_flower_app): written the way Flower's PyTorch quickstart is, on
+  Flower's simulation engine: FedAvg's `start`, the model and the node's data made inside every
+  client call, one `run_simulation` per run;
+- c, the floor: one process, no Flower, no Ray: each round the same sampled sites run the same
+  local steps one after another, then the same weighted average and evaluations.
+
+All three build the same federation store with snowfed's `prepare` and train with snowfed's
+local strategy and trainer, so the ratios measure the federation machinery, not different
+training code. Workloads: W1 (8 sites, segmentation, 64x64 tiles, ~1 s of local work per site per
+round), W2 (100 sites, 10 per round, small CNN, 10 SGD steps), S (12 runs of W2's shape, 5 rounds
+each) and MEM (one dataset split into 10, 100 and 1000 sites: snowfed's peak memory).
+
+Memory is the peak of the summed proportional set size (PSS, Linux: shared pages split between
+the processes that map them) of the process and all its descendants (Ray's raylet, GCS and
+workers included), sampled every 0.2 s. Times are wall clock: total, until the first round is
+evaluated, and per round after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WORKLOADS = ("W1", "W2", "S", "MEM")
+VARIANTS = ("a", "b", "c")
+
+
+def synthetic_npz(path: Path, num_images: int, size: int = 28, seed: int = 0) -> Path:
+    """A MedMNIST-layout classification file made from scikit-learn's bundled digits: each image
+    a digit scaled to ~3/4 of the tile at a random place, tinted, with sensor noise (learnable,
+    and as large as the workload needs; nothing is downloaded)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(digits.images), num_images)
+    scale = max(1, (size * 3 // 4) // 8)
+    glyphs = np.kron(digits.images[pick] / 16.0, np.ones((scale, scale)))  # (N, 8s, 8s)
+    images = np.zeros((num_images, size, size), dtype=np.float32)
+    room = size - glyphs.shape[1]
+    dy, dx = rng.integers(0, room + 1, num_images), rng.integers(0, room + 1, num_images)
+    for i in range(num_images):
+        images[i, dy[i] : dy[i] + glyphs.shape[1], dx[i] : dx[i] + glyphs.shape[2]] = glyphs[i]
+    tint = rng.uniform(0.5, 1.0, (num_images, 1, 1, 3)).astype(np.float32)
+    rgb = images[..., None] * tint + rng.normal(0, 0.08, (num_images, size, size, 3))
+    rgb = np.clip(rgb * 255, 0, 255).astype(np.uint8)
+    labels = digits.target[pick].astype(np.int64)[:, None]
+    cut = [int(num_images * 0.8), int(num_images * 0.9)]
+    parts = dict(zip(("train", "val", "test"), np.split(np.arange(num_images), cut)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{f"{k}_images": rgb[v] for k, v in parts.items()},
+             **{f"{k}_labels": labels[v] for k, v in parts.items()})
+    return path
+
+
+@dataclass(frozen=True)
+class Workload:
+    overrides: tuple[str, ...]
+    runs: int = 1  # S: a sweep of this many runs (seeds 0..runs-1)
+
+
+def workloads(quick: bool, data: Path) -> dict[str, Workload]:
+    """The benchmark's runs as snowfed overrides. --quick keeps each workload's shape, fewer
+    rounds, steps and runs."""
+    w1_steps, w1_rounds = (2, 1) if quick else (12, 10)
+    w2_rounds, s_runs, s_rounds = (2, 2, 1) if quick else (30, 12, 5)
+    many = ["task=classification", "dataset=npz", f"dataset.path={data}", "model=smallcnn", "model.width=8",
+            "federation=many_sites", "federation.partition.scheme=iid",
+            "aggregation.fraction_train=0.1", "aggregation.fraction_evaluate=0.1",
+            "strategy.optimizer=sgd", "strategy.lr=0.05", "strategy.local_steps=10",
+            "strategy.batch_size=32"]
+    return {
+        "W1": Workload(("federation=cross_silo", f"strategy.local_steps={w1_steps}",
+                        f"rounds={w1_rounds}")),
+        "W2": Workload((*many, f"rounds={w2_rounds}")),
+        "S": Workload((*many, f"rounds={s_rounds}"), runs=s_runs),
+    }
+
+
+def mem_overrides(data: Path, sites: int, rounds: int, visit_all: bool = True) -> tuple[str, ...]:
+    """MEM: 10 sites train per round; with `visit_all` every site evaluates every round, so every
+    site's data and strategy are built in the actors (else only the sampled ones are)."""
+    per_round = min(10, sites)
+    evaluating = sites if visit_all else per_round
+    return ("task=classification", "dataset=npz", f"dataset.path={data}", "model=smallcnn", "model.width=8",
+            "federation=many_sites", "federation.partition.scheme=iid",
+            f"federation.hospitals.count={sites}", "federation.val_fraction=0.2",
+            f"aggregation.fraction_train={per_round / sites}",
+            f"aggregation.fraction_evaluate={evaluating / sites}",
+            "strategy.optimizer=sgd", "strategy.lr=0.05", "strategy.local_steps=10",
+            "strategy.batch_size=32", f"rounds={rounds}")
+
+
+# ---------------------------------------------------------------- the child process: one variant
+
+
+def _configs(overrides: tuple[str, ...], runs: int, out: Path) -> list[tuple[dict, Path]]:
+    from snowfed.config import compose
+    from snowfed.sim.runner import plain_config
+
+    return [(plain_config(compose([*overrides, f"seed={seed}"])), out / f"run{seed}")
+            for seed in range(runs)]
+
+
+def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dict[str, Any]:
+    """Run one variant of one workload in this process; the round times it saw."""
+    ticks: list[float] = []  # time at the end of each evaluated round (round 0 excluded)
+
+    def tick(rnd: int, *_):
+        if rnd > 0:
+            ticks.append(time.monotonic())
+
+    jobs = _configs(overrides, runs, out)
+    if variant == "a":
+        if runs == 1:
+            from snowfed.sim.runner import run
+
+            run(*jobs[0], quiet=True, on_round=tick)
+        else:
+            from snowfed.sim.sweep import Job, run_sweep
+
+            outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in jobs], stream=open(os.devnull, "w"))
+            assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
+    elif variant == "b":
+        from snowfed.sim.bench_flower_app import run_stock_flower
+
+        for cfg, run_dir in jobs:
+            run_stock_flower(cfg, run_dir, tick)
+    else:
+        for cfg, run_dir in jobs:
+            plain_loop(cfg, run_dir, tick)
+    return {"ticks": ticks}
+
+
+def plain_loop(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
+    """c: FedAvg's rounds in one process, the floor: each round the sampled sites train one after
+    another (strategies and data built once per site), then the weighted average, the sampled
+    sites' evaluation of the new global model and the server's test evaluation."""
+    import torch
+
+    from snowfed.client.trainer import node_generator, train_locally
+    from snowfed.evaluation import evaluate
+    from snowfed.server.aggregation import sites_per_round
+    from snowfed.server.app import build_global_model
+    from snowfed.sim.runner import prepare
+    from snowfed.strategies import LocalStrategy, StrategySpec
+
+    _, store = prepare(cfg, run_dir)
+    num_classes = store.manifest["num_classes"]
+    model = build_global_model(cfg["model"], num_classes, cfg["seed"])
+    local = build_global_model(cfg["model"], num_classes, cfg["seed"])
+    test = store.test_set()
+    nodes: dict[int, tuple[Any, Any]] = {}
+    n = len(store.nodes)
+    per_round_train = sites_per_round(cfg["aggregation"], n)
+    per_round_eval = max(1, int(n * float(cfg["aggregation"]["fraction_evaluate"])))
+    rng = random.Random(cfg["seed"])
+    evaluate(model, *test)
+    on_round(0)
+    for rnd in range(1, int(cfg["rounds"]) + 1):
+        total, weights = 0, None
+        for pid in sorted(rng.sample(range(n), per_round_train)):
+            if pid not in nodes:
+                data = store.node_data(pid)
+                entry = store.node(pid)
+                nodes[pid] = (data, LocalStrategy.build(StrategySpec(**entry["strategy"]), data.images,
+                                                        data.labels, data.verified))
+            data, strategy = nodes[pid]
+            local.load_state_dict(model.state_dict())
+            train_locally(local, strategy, node_generator(int(cfg["seed"]), rnd, pid), "cpu", {})
+            evaluate(local, data.val_images, data.val_targets)
+            k = len(data.images)
+            state = {key: v.detach().double() * k for key, v in local.state_dict().items()}
+            weights = state if weights is None else {key: weights[key] + state[key] for key in state}
+            total += k
+        model.load_state_dict({key: (v / total).to(model.state_dict()[key].dtype)
+                               for key, v in weights.items()})
+        for pid in rng.sample(range(n), per_round_eval):
+            data = store.node_data(pid) if pid not in nodes else nodes[pid][0]
+            evaluate(model, data.val_images, data.val_targets)
+        evaluate(model, *test)
+        torch.save(model.state_dict(), run_dir / "checkpoint.pt")  # as every variant checkpoints
+        on_round(rnd)
+
+
+# ---------------------------------------------------------------- the parent: measure and compare
+
+
+def _tree_pss_kb(root: int) -> int:
+    """Summed PSS (kB) of `root` and its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    first_round_s: float
+    per_round_s: float
+    peak_mb: float
+
+
+def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> Measured:
+    """Run one variant in a fresh process; its times and the peak memory of its process tree."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / "result.json"
+    cmd = [sys.executable, "-m", "snowfed.sim.bench", "--child", variant, "--runs", str(runs),
+           "--out", str(out), "--", *overrides]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"),
+                            env={**os.environ, "SNOWFED_BENCH_RESULT": str(result),
+                                 "SNOWFED_BENCH_START": str(start)})
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_pss_kb(proc.pid))
+        time.sleep(0.2)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}); see "
+                           f"{out / 'stderr.log'}:\n" + (out / "stderr.log").read_text()[-2000:])
+    report = json.loads(result.read_text())
+    ticks = [t - report["start"] for t in report["ticks"]]
+    first = ticks[0] if ticks else wall
+    per_round = float("nan")  # a sweep's rounds belong to several runs: only its wall time counts
+    if runs == 1 and len(ticks) > 1:
+        per_round = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
+    return Measured(wall, first, per_round, peak / 1024)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="snowfed bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, steps and runs (< 3 min)")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workloads among {', '.join(WORKLOADS)}")
+    parser.add_argument("--out", help="where the runs go (default: a temporary folder, removed)")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.child:
+        started = float(os.environ["SNOWFED_BENCH_START"])  # the parent's clock at the spawn
+        report = child(opts.child, tuple(opts.overrides), opts.runs, Path(opts.out))
+        report["start"] = started
+        Path(os.environ["SNOWFED_BENCH_RESULT"]).write_text(json.dumps(report))
+        return 0
+    only = [w for w in opts.only.split(",") if w]
+    unknown = [w for w in only if w not in WORKLOADS]
+    if unknown:
+        print(f"snowfed bench: --only {','.join(unknown)} is not a workload; choose among "
+              f"{', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="snowfed-bench-") as tmp:
+        root = Path(opts.out or tmp)
+        return _bench(root, only, opts.quick)
+
+
+def _bench(root: Path, only: list[str], quick: bool) -> int:
+    data = synthetic_npz(root / "data.npz", 5_000 if quick else 30_000)
+    plan = workloads(quick, data)
+    ratios: list[str] = []
+    print(f"{'workload':8} {'variant':8} {'wall s':>8} {'first round s':>14} {'per round s':>12} "
+          f"{'peak MB':>8}", flush=True)
+    for name in (w for w in only if w in plan):
+        load = plan[name]
+        got = {}
+        # --quick leaves out W1's stock Flower run: no target compares W1 with it
+        for variant in ("a", "c") if quick and name == "W1" else VARIANTS:
+            got[variant] = measure(variant, load.overrides, load.runs, root / name / variant)
+            m = got[variant]
+            print(f"{name:8} {variant:8} {m.wall_s:8.1f} {m.first_round_s:14.1f} {m.per_round_s:12.3f} "
+                  f"{m.peak_mb:8.0f}", flush=True)
+        ratios.append(f"{name} a/c={got['a'].wall_s / got['c'].wall_s:.2f}")
+        if name != "W1":
+            ratios.append(f"{name} a/b={got['a'].wall_s / got['b'].wall_s:.2f}")
+    if "MEM" in only:
+        peaks = {}
+        for sites in (10, 1000) if quick else (10, 100, 1000):
+            m = measure("a", mem_overrides(data, sites, 1 if quick else 2, visit_all=not quick), 1,
+                        root / "MEM" / str(sites))
+            peaks[sites] = m.peak_mb
+            print(f"{'MEM':8} {f'a {sites}':8} {m.wall_s:8.1f} {m.first_round_s:14.1f} "
+                  f"{m.per_round_s:12.3f} {m.peak_mb:8.0f}", flush=True)
+        ratios.append(f"mem1000/mem10={peaks[1000] / peaks[10]:.2f}")
+    print(" ".join(ratios), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

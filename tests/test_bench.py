@@ -1,0 +1,100 @@
+"""`snowfed bench`'s parts: the generated dataset, the workloads' configs, the plain-loop floor
+(c), the stock Flower app (b) and the process-tree memory probe. The timings themselves are
+measured by the benchmark, never asserted here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snowfed.sim.bench import (
+    _configs,
+    _tree_pss_kb,
+    mem_overrides,
+    plain_loop,
+    synthetic_npz,
+    workloads,
+)
+
+TINY = ("federation.hospitals.count=6", "aggregation.fraction_train=0.5",
+        "aggregation.fraction_evaluate=0.5", "strategy.local_steps=3")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return synthetic_npz(tmp_path_factory.mktemp("bench") / "data.npz", 600, size=16)
+
+
+def test_generated_dataset_is_a_medmnist_file_the_loader_reads(data):
+    from snowfed.data.loaders import load_dataset
+
+    loaded = load_dataset({"name": "npz", "path": str(data), "image_size": None, "skip_bad": False,
+                           "class_names": None})
+    assert loaded.images.shape[1:] == (16, 16, 3) and loaded.images.dtype == np.uint8
+    assert set(np.unique(loaded.targets)) == set(range(10))
+    from sklearn.linear_model import LogisticRegression
+
+    x = loaded.images.reshape(len(loaded.images), -1) / 255.0
+    fit = LogisticRegression(max_iter=300).fit(x, loaded.targets)
+    assert fit.score(x, loaded.targets) > 0.5  # far above chance (0.1): there is something to learn
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_workload_is_a_valid_config(data, quick):
+    from snowfed.sim.runner import validate
+
+    loads = workloads(quick, data)
+    assert set(loads) == {"W1", "W2", "S"} and loads["S"].runs == (2 if quick else 12)
+    for load in loads.values():
+        for cfg, _ in _configs(load.overrides, 1, Path("unused")):
+            validate(cfg)
+    plan = validate(_configs(mem_overrides(data, 100, 1), 1, Path("unused"))[0][0])
+    assert len(plan.hospitals) == 100  # (the benchmark's own file has enough images for 1000)
+
+
+def test_plain_loop_trains_the_sampled_sites_and_reports_every_round(data, tmp_path):
+    import torch
+
+    overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=3")
+    (cfg, run_dir), = _configs(overrides, 1, tmp_path)
+    rounds = []
+    plain_loop(cfg, run_dir, lambda rnd: rounds.append(rnd))
+    assert rounds == [0, 1, 2, 3]
+    from snowfed.server.app import build_global_model
+
+    first = build_global_model(cfg["model"], 10, cfg["seed"]).state_dict()
+    last = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # FedAvg moved the model
+
+
+@pytest.mark.slow
+def test_stock_flower_app_runs_the_rounds_on_flowers_engine(data, tmp_path):
+    from snowfed.sim.bench_flower_app import run_stock_flower
+
+    overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=2")
+    (cfg, run_dir), = _configs(overrides, 1, tmp_path)
+    rounds = []
+    run_stock_flower(cfg, run_dir, lambda rnd: rounds.append(rnd))
+    assert rounds == [0, 1, 2]  # FedAvg.start's central evaluation: initial model, then each round
+    assert (run_dir / "checkpoint.pt").is_file()
+
+
+def test_memory_probe_sums_a_process_and_its_children():
+    alone = _tree_pss_kb(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]);"
+                              " time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while _tree_pss_kb(os.getpid()) < alone + 150 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _tree_pss_kb(os.getpid()) >= alone + 150 * 1024  # the child's 200 MB counted
+    finally:
+        child.kill()
+        child.wait()
