@@ -22,6 +22,7 @@ Message types: `query.identify` (which partition is this node), `train` (local r
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _threads_as_ray_says() -> None:
+    """torch's intra-op threads as many as the CPUs Ray gave this actor. Ray says so in
+    OMP_NUM_THREADS when it gives a worker an actor, but a worker that preloaded torch
+    (snowfed.client.preload) has fixed its thread count before: two actors on two cores would
+    then run two threads each and slow each other down."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+
+
 def _store_nodes(store_path: str, device: torch.device, store: FederationStore | None = None
                  ) -> _StoreNodes:
     if store_path in _STORES:
@@ -127,6 +138,7 @@ def _store_path(config, node_config) -> str:
 def _node(msg: Message, context: Context) -> _Node:
     config = msg.content["config"]
     store_path, partition_id = _store_path(config, context.node_config), _partition_id(context)
+    _threads_as_ray_says()
     device = _device()
     shared = _store_nodes(store_path, device)
     if partition_id in shared.nodes:

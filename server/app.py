@@ -3,11 +3,19 @@
 `run_federation` is the body of a ServerApp's main: the simulation (snowfed.sim) and the
 `flwr run .` app both call it with a Grid, the resolved config and the federation store.
 
-The loop is Flower's `Strategy.start` (configure -> send_and_receive -> aggregate, for train
-and evaluate, then the server's own evaluation) with what a benchmark run needs and `start`
-lacks: a checkpoint after every round and a resume from it, a per-round timeout whose
-latecomers are recorded, a stop with a reason when fewer than `min_train_nodes` sites reply, and
-optional personalisation after the last round. Aggregation itself stays in Flower's strategies.
+The loop is Flower's `Strategy.start` (configure -> send -> aggregate, for train and evaluate,
+then the server's own evaluation) with what a benchmark run needs and `start` lacks: a
+checkpoint after every round and a resume from it, a per-round timeout whose latecomers are
+recorded, a stop with a reason when fewer than `min_train_nodes` sites reply, and optional
+personalisation after the last round. Aggregation itself stays in Flower's strategies.
+
+One thing differs from `start`'s order of work: round r's evaluate messages and round r+1's
+train messages go out together (both carry round r's aggregate), and the server evaluates the
+global model on its test set while the nodes work, instead of the nodes idling through the
+server's evaluation and an extra message round trip. The strategy is called in `start`'s order
+(configure_evaluate(r), then configure_train(r+1)), so the same sites are sampled; round r is
+recorded and checkpointed when its evaluation is in, with the random state from before round
+r+1 was configured, so a resume redoes round r+1 exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import io
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,7 +117,7 @@ def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) 
     messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
                         message_type="query.identify") for nid in node_ids]
     partitions = {}
-    for reply in grid.send_and_receive(messages, timeout=600):
+    for reply in _exchange(grid, messages, timeout=600)[0]:
         if not reply.has_error():
             partition = int(reply.content["metrics"][NODE_KEY])
             partitions[reply.metadata.src_node_id] = partition
@@ -150,13 +159,45 @@ class PartitionOrderedGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+class _Sent:
+    """Messages pushed to the nodes now, their replies collected later (`replies`), so that
+    several exchanges can be in flight at once; each waits at most `timeout` s from its push."""
+
+    def __init__(self, grid: Grid, messages: list[Message], timeout: float):
+        self.grid, self.messages = grid, messages
+        self.ids = set(grid.push_messages(messages)) if messages else set()
+        self.deadline = time.monotonic() + timeout
+        self.interval = _pull_interval(grid)
+
+    def replies(self) -> tuple[list[Message], list[int]]:
+        """The replies, and the nodes that did not reply in time."""
+        replies: list[Message] = []
+        waiting = set(self.ids)
+        while waiting:
+            got = list(self.grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or time.monotonic() >= self.deadline:
+                break
+            time.sleep(self.interval)
+        replied = {m.metadata.src_node_id for m in replies}
+        return replies, [m.metadata.dst_node_id for m in self.messages
+                         if m.metadata.dst_node_id not in replied]
+
+
+def _pull_interval(grid: Grid) -> float:
+    """In the simulation a pull is a lookup in this process's memory: poll often (Flower's
+    InMemoryGrid polls every 0.1 s, up to 0.2 s idle per exchange). A deployment's pull is a
+    request to the SuperLink: once a second (Flower's own HTTP grid waits 3 s)."""
+    inner = grid._grid if isinstance(grid, PartitionOrderedGrid) else grid
+    return 0.01 if hasattr(inner, "pull_interval") else 1.0
+
+
 def _exchange(
     grid: Grid, messages: list[Message], timeout: float
 ) -> tuple[list[Message], list[int]]:
     """Send, wait at most `timeout` s; the replies, and the nodes that did not reply in time."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    replied = {m.metadata.src_node_id for m in replies}
-    return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+    return _Sent(grid, messages, timeout).replies()
 
 
 def run_federation(
@@ -190,33 +231,36 @@ def run_federation(
     min_replies = int(agg_cfg["min_train_nodes"])
     completed: dict[int, dict[str, float]] = {}
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test_images, test_targets, device)
         if privacy["name"] in CENTRAL:  # site-level epsilon spent by the rounds so far
             metrics["epsilon"] = central_epsilon(privacy["noise_multiplier"],
                                                  per_round / len(node_names), server_round,
                                                  privacy["delta"])
-        recorder.record_global(server_round, metrics)
-        completed[server_round] = metrics
+        return metrics
 
     rng = RunRandomness(int(cfg["seed"]))
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+    def complete(server_round: int, arrays: ArrayRecord, metrics: dict[str, float],
+                 random_state: tuple) -> None:
+        """Record the round's global metrics and checkpoint it; `random_state` is the run's
+        (python, numpy) random state before the next round was configured."""
+        recorder.record_global(server_round, metrics)
+        completed[server_round] = metrics
         save_checkpoint(run_dir, server_round, {
             "arrays": arrays.to_torch_state_dict(),
             "strategy": strategy_state(strategy),
-            "random": rng.python,  # Flower samples sites with Python's `random`
-            "numpy_random": rng.numpy,  # and draws central-DP noise with numpy's
-            "metrics": completed[server_round],
+            "random": random_state[0],  # Flower samples sites with Python's `random`
+            "numpy_random": random_state[1],  # and draws central-DP noise with numpy's
+            "metrics": metrics,
         })
 
     saved = load_checkpoint(run_dir)
     if saved is None:
         keep_rounds_upto(run_dir / METRICS, -1)
         arrays = ArrayRecord(model.state_dict())
-        evaluate_global(0, arrays)
-        checkpoint(0, arrays)
+        complete(0, arrays, evaluate_global(0, arrays), (rng.python, rng.numpy))
     else:
         keep_rounds_upto(run_dir / METRICS, saved["round"])
         arrays = ArrayRecord(saved["arrays"])
@@ -225,16 +269,20 @@ def run_federation(
         completed[saved["round"]] = saved["metrics"]
 
     shared = {"store": str(store.path.resolve())} if share_store else {}
-    if hasattr(grid, "pull_interval"):  # the simulation's InMemoryGrid polls for replies every
-        grid.pull_interval = 0.01  # 0.1 s by default: up to 0.2 s idle per round at every site
     partitions = identify_nodes(grid, recorder, shared.get("store"))
     grid = PartitionOrderedGrid(grid, partitions)
     node_ids = grid.get_node_ids()
     node_config = {**shared, "seed": int(cfg["seed"])}
-    for rnd in range(max(completed) + 1, int(cfg["rounds"]) + 1):
+
+    def send_train(rnd: int, arrays: ArrayRecord) -> _Sent:
         with rng.active():
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
-        replies, missing = _exchange(grid, messages, timeout)
+        return _Sent(grid, messages, timeout)
+
+    first, last = max(completed) + 1, int(cfg["rounds"])
+    training = send_train(first, arrays) if first <= last else None
+    for rnd in range(first, last + 1):
+        replies, missing = training.replies()
         valid = [m for m in replies if not m.has_error()]
         with rng.active():
             aggregated, _ = strategy.aggregate_train(rnd, replies) if valid else (None, None)
@@ -243,18 +291,20 @@ def run_federation(
             left_out = [recorder.name_of(m.metadata.src_node_id) for m in replies if m.has_error()]
             left_out += [recorder.name_of(n) for n in missing]
             raise FederationStopped(
-                f"round {rnd}: {len(valid)} of {len(messages)} sites replied, fewer than "
+                f"round {rnd}: {len(valid)} of {len(training.messages)} sites replied, fewer than "
                 f"aggregation.min_train_nodes={min_replies} (left out: {', '.join(left_out)}; "
                 "see metrics.jsonl)")
         if aggregated is not None:
             arrays = aggregated
         with rng.active():
-            messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(node_config)),
-                                                        grid))
-        replies, missing = _exchange(grid, messages, timeout)
+            evaluating = _Sent(grid, list(strategy.configure_evaluate(
+                rnd, arrays, ConfigRecord(dict(node_config)), grid)), timeout)
+        random_state = (rng.python, rng.numpy)  # what a resume from this round starts with
+        training = send_train(rnd + 1, arrays) if rnd < last else None
+        metrics = evaluate_global(rnd, arrays)  # while the nodes evaluate and train
+        replies, missing = evaluating.replies()
         recorder.record_replies(rnd, "evaluate", replies, missing, timeout)
-        evaluate_global(rnd, arrays)
-        checkpoint(rnd, arrays)
+        complete(rnd, arrays, metrics, random_state)
 
     save_model(run_dir, arrays.to_torch_state_dict())
     steps = int(cfg.get("personalize_steps", 0))

@@ -7,7 +7,9 @@ aggregations (`pooled`, `local`) are not federated and run in this process (sim.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -307,6 +309,17 @@ def run(
 
 def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Federate | None = None,
                 quiet: bool = False, hook: RoundHook | None = None) -> dict[str, Any]:
+    federated = federate is None and cfg.get("aggregation", {}).get("name") not in REFERENCES
+    ray_start = start_ray_early(cfg) if federated else None
+    try:
+        return _run_started(cfg, run_dir, resuming, federate, quiet, hook, ray_start)
+    finally:
+        if ray_start is not None:
+            ray_start.close()
+
+
+def _run_started(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Federate | None,
+                 quiet: bool, hook: RoundHook | None, ray_start: RayStart | None) -> dict[str, Any]:
     from snowfed.server.app import FederationStopped
 
     if resuming:
@@ -332,7 +345,8 @@ def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Fe
 
             result = run_reference(cfg, store, run_dir, on_round)
         else:
-            result = (federate or simulate)(cfg, plan, store, run_dir, on_round)
+            result = (federate(cfg, plan, store, run_dir, on_round) if federate is not None
+                      else simulate(cfg, plan, store, run_dir, on_round, ray_start))
         if result is not None and result.rounds_completed == cfg["rounds"]:
             status = "completed"
         else:
@@ -363,14 +377,76 @@ def _earlier_wall_time(run_dir: Path) -> float:
         return 0.0
 
 
-def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any]) -> None:
+PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
+
+
+def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`ray.init`'s arguments for a run: the backend's `init_args`, and the ClientApp's imports
+    preloaded in every worker (Ray's `preload_python_modules`; a runtime_env setup hook would
+    stop Ray from starting workers before the actors ask for them)."""
+    return {"include_dashboard": False, **backend_config(cfg["backend"])["init_args"],
+            "_system_config": {"preload_python_modules": [PRELOAD]}}
+
+
+class RayStart:
+    """Ray started in a background thread, so that its start (about 4 s here, mostly spent
+    waiting for its processes) and its workers' imports overlap the driver's own start-up:
+    config checks, loading the data, building the store. `run_engine` waits for it.
+
+    Ray's processes are started with PR_SET_PDEATHSIG, so they die with the thread that started
+    them: the thread stays until Ray is shut down (Flower's backend does that at the end of a
+    simulation; `close` does it for a start nobody used)."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.init_args = ray_init_args(cfg)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
+
+    def _start(self) -> None:
+        import ray
+
+        try:
+            ray.init(**copy.deepcopy(self.init_args))  # Ray adds to the _system_config it is given
+        except BaseException as exc:  # noqa: BLE001 - raised in the thread that waits for it
+            self._error = exc
+        finally:
+            self._ready.set()
+        while ray.is_initialized():
+            time.sleep(0.5)
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Shut down a Ray this start left running (the run stopped before its simulation)."""
+        import ray
+
+        self._ready.wait()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def start_ray_early(cfg: Mapping[str, Any]) -> RayStart | None:
+    """A background start of Ray for a simulation of `cfg`; None if its backend keys are bad
+    (validation then names them)."""
+    try:
+        return RayStart(cfg)
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
+def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: RayStart | None = None
+               ) -> None:
     """Flower's simulation engine (Ray backend) with snowfed's ClientApp on `num_sites` nodes.
 
-    Ray is started here, before the engine would start it, without the runtime_env Flower adds
-    (a PYTHONPATH for apps it installs itself; snowfed is installed in this interpreter): the
-    worker processes Ray starts at init then host the actors at once, instead of new workers
-    being started for that runtime_env. Flower's backend skips ray.init when Ray is up and shuts
-    Ray down when the simulation ends."""
+    Ray is started by snowfed (`ray_start`, or here), before the engine would start it, without
+    the runtime_env Flower adds (a PYTHONPATH for apps it installs itself; snowfed is installed
+    in this interpreter): the worker processes Ray starts at init, which have imported the
+    ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
+    up and shuts Ray down when the simulation ends."""
     import ray
     from flwr.simulation import run_simulation
 
@@ -378,14 +454,19 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any]) -> None:
 
     verbose = bool(cfg.get("verbose", False))
     quiet_flower(verbose)
-    backend = backend_config(cfg["backend"])
+    args = ray_init_args(cfg)
+    if ray_start is not None:
+        ray_start.wait()
+        if ray_start.init_args != args:  # started for another run's backend
+            ray.shutdown()
     if not ray.is_initialized():
-        ray.init(**{"include_dashboard": False, **backend["init_args"]})
+        ray.init(**args)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                   backend_config=backend, verbose_logging=verbose)
+                   backend_config=backend_config(cfg["backend"]), verbose_logging=verbose)
 
 
-def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
+def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round,
+             ray_start: RayStart | None = None):
     """The federation under Flower's simulation engine (Ray backend); the server's result."""
     from flwr.serverapp import ServerApp
 
@@ -401,7 +482,7 @@ def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round):
         except Exception as exc:  # Flower only logs a ServerApp's exception; raise it here
             outcome["error"] = exc
 
-    run_engine(server_app, len(plan.hospitals), cfg)
+    run_engine(server_app, len(plan.hospitals), cfg, ray_start)
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")

@@ -36,7 +36,16 @@ from snowfed.config import ConfigError, require
 from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 
-from .runner import backend_config, plain_config, resume, run, run_engine, validate
+from .runner import (
+    RayStart,
+    backend_config,
+    plain_config,
+    resume,
+    run,
+    run_engine,
+    start_ray_early,
+    validate,
+)
 
 PARALLEL_MAX = 8  # the client keeps the nodes of this many stores (client.app.STORES_KEPT)
 
@@ -137,6 +146,19 @@ def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO 
               ) -> list[Outcome]:
     """Run every job (see the module docstring); returns their outcomes in the jobs' order."""
     parallel_runs(parallel, [], [])  # a bad --parallel stops the sweep before anything runs
+    # Ray starts while the jobs are checked, for the first run that will need it
+    first = next((j for j in jobs if j.cfg.get("aggregation", {}).get("name") not in REFERENCES
+                  and read_summary_status(j.run_dir) != "completed"), None)
+    ray_start = start_ray_early(first.cfg) if first is not None else None
+    try:
+        return _run_jobs(jobs, parallel, stream, ray_start)
+    finally:
+        if ray_start is not None:
+            ray_start.close()
+
+
+def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
+              ray_start: RayStart | None) -> list[Outcome]:
     plans = plan_jobs(jobs)
     progress = SweepProgress(len(jobs), stream)
     outcomes: dict[int, Outcome] = {}
@@ -157,13 +179,15 @@ def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO 
         print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites in one "
               f"Flower simulation, {width} at a time", file=progress.stream, flush=True)
         num_sites = len(plans[indices[0]].hospitals)
-        for i, outcome in zip(indices, _simulate_group(group, num_sites, width, progress.finished)):
+        results = _simulate_group(group, num_sites, width, progress.finished, ray_start)
+        ray_start = None  # used (or shut down) by the first simulation
+        for i, outcome in zip(indices, results):
             outcomes[i] = outcome
     return [outcomes[i] for i in range(len(jobs))]
 
 
-def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Callable[[Outcome], None]
-                    ) -> list[Outcome]:
+def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Callable[[Outcome], None],
+                    ray_start: RayStart | None = None) -> list[Outcome]:
     """One Flower simulation (Ray backend) whose ServerApp runs `jobs`, `width` at a time."""
     from flwr.serverapp import ServerApp
 
@@ -184,7 +208,7 @@ def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Calla
         with ThreadPoolExecutor(max_workers=width, thread_name_prefix="snowfed-run") as pool:
             list(pool.map(one, range(len(jobs))))
 
-    run_engine(server_app, num_sites, jobs[0].cfg)
+    run_engine(server_app, num_sites, jobs[0].cfg, ray_start)
     return [o or Outcome(job, "crashed", error="the simulation stopped before this run")
             for job, o in zip(jobs, outcomes)]
 

@@ -88,3 +88,20 @@ def test_nodes_of_one_process_share_one_model_and_never_see_each_others_weights(
     nodes = list(client_app._STORES[str(store.path)].nodes.values())
     assert len(nodes) == 2 and nodes[0].model is nodes[1].model
     assert all(torch.equal(alone[k], after_other[k]) for k in alone)
+
+
+def test_a_preloaded_worker_takes_the_thread_count_ray_gives_its_actor(monkeypatch):
+    """Ray sets OMP_NUM_THREADS when it gives a worker an actor; torch, imported before that by
+    snowfed.client.preload, has fixed its thread count already and must follow."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        client_app._threads_as_ray_says()
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")  # a real SuperNode: torch's own choice stays
+        torch.set_num_threads(2)
+        client_app._threads_as_ray_says()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -19,9 +19,27 @@ from snowfed.sim.runner import run
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_two_rounds_through_ray(tmp_path):
+def test_two_nodes_two_rounds_through_ray(tmp_path, monkeypatch):
+    import threading
+
+    import ray
+
+    starts = []
+    real_init = ray.init
+
+    def counted_init(*args, **kwargs):  # the real ray.init, counted
+        preload = (kwargs.get("_system_config") or {}).get("preload_python_modules")
+        starts.append((threading.current_thread().name, preload))
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", counted_init)
     run_dir = tmp_path / "run"
     summary = run(compose(["federation=smoke", "rounds=2"]), run_dir)
+
+    # Ray was started once, in the background while the store was built, with the ClientApp's
+    # imports preloaded in its workers; Flower's engine used it and shut it down
+    assert starts == [("snowfed-ray-start", ["snowfed.client.preload"])]
+    assert not ray.is_initialized()
 
     assert summary["status"] == "completed" and summary["rounds"] == 2
     on_disk = json.loads((run_dir / "summary.json").read_text())
@@ -42,6 +60,17 @@ def test_two_nodes_two_rounds_through_ray(tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["rounds"] == 2
     assert (run_dir / "f1_per_round.png").stat().st_size > 1000
     assert (run_dir / "model_final.pt").exists()
+
+
+def test_a_run_stopped_by_its_data_leaves_no_ray_behind(tmp_path):
+    import ray
+
+    from snowfed.data.loaders import DataError
+
+    with pytest.raises(DataError):  # found after Ray's background start has begun
+        run(compose(["task=classification", "dataset=npz", f"dataset.path={tmp_path / 'missing.npz'}"]),
+            tmp_path / "run")
+    assert not ray.is_initialized()
 
 
 def test_cli_runs_the_smoke_federation(tmp_path):

@@ -1,0 +1,11 @@
+"""Imported by every Ray worker as it starts (Ray's `preload_python_modules`, which
+snowfed.sim.runner sets when it starts Ray): the imports a simulation's actors need are done
+before the first messages reach them, not while those messages wait.
+
+torch.optim imports torch._dynamo at an optimiser's first step (about 2.5 s here), so it is
+imported here as well.
+"""
+
+import torch._dynamo  # noqa: F401
+
+import snowfed.client.app  # noqa: F401

@@ -1,0 +1,110 @@
+"""The server's round loop on a Grid that runs the real ClientApp handlers in this process (no
+Ray): round r's evaluation and round r+1's training are sent together, and the server's own
+evaluation of round r runs while they are out; the run itself is what a sequential loop gives."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from snowfed.client import app as client_app
+from snowfed.rundir import read_jsonl
+from snowfed.server.app import run_federation
+
+HANDLERS = {"train": client_app.train, "evaluate": client_app.evaluate_global,
+            "query.identify": client_app.identify}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class LocalGrid(Grid):
+    """Nodes 101, 102, ... are partitions 0, 1, ...; a pushed message is answered by the
+    ClientApp handler when its reply is pulled. `events` logs pushes and answers in order."""
+
+    def __init__(self, num_nodes: int, metrics_file):
+        self.contexts = {101 + i: Context(run_id=1, node_id=101 + i, state=RecordDict(), run_config={},
+                                          node_config={"partition-id": i, "num-partitions": num_nodes})
+                         for i in range(num_nodes)}
+        self.pending: dict[str, Message] = {}
+        self.events: list[tuple] = []
+        self.metrics_file = metrics_file
+
+    def _rounds_recorded(self) -> int:
+        return sum(r["scope"] == "global" for r in read_jsonl(self.metrics_file))
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.pending[msg.metadata.message_id] = msg
+            config = msg.content["config"] if "config" in msg.content else {}
+            self.events.append(("push", msg.metadata.message_type, config.get("server-round"),
+                                self._rounds_recorded()))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        replies = []
+        for mid in list(message_ids):
+            msg = self.pending.pop(mid, None)
+            if msg is None:
+                continue
+            reply = HANDLERS[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
+            reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def test_next_rounds_training_goes_out_before_this_round_is_recorded(smoke_cfg, tmp_path):
+    from snowfed.sim.runner import prepare
+
+    smoke_cfg.update(rounds=3)
+    smoke_cfg["strategy"]["local_steps"] = 1
+    run_dir = tmp_path / "run"
+    _, store = prepare(smoke_cfg, run_dir)
+    grid = LocalGrid(len(store.nodes), run_dir / "metrics.jsonl")
+    result = run_federation(grid, smoke_cfg, store, run_dir)
+
+    assert result.rounds_completed == 3
+    pushes = [(kind, rnd, recorded) for event, kind, rnd, recorded in grid.events if event == "push"]
+    trains = {rnd: recorded for kind, rnd, recorded in pushes if kind == "train"}
+    evaluates = {rnd: recorded for kind, rnd, recorded in pushes if kind == "evaluate"}
+    assert sorted(trains) == sorted(evaluates) == [1, 2, 3]
+    # round 1's training follows round 0 (the initial model) being recorded; each later round's
+    # training is sent with the previous round's evaluation, before that round is recorded
+    assert trains == {1: 1, 2: 1, 3: 2}
+    assert evaluates == {1: 1, 2: 2, 3: 3}
+    order = [(kind, rnd) for kind, rnd, _ in pushes if kind != "query.identify"]
+    order = [step for i, step in enumerate(order) if i == 0 or order[i - 1] != step]  # per node
+    assert order == [("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2), ("train", 3),
+                     ("evaluate", 3)]  # the strategy is configured in Flower's own order
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records if r["scope"] == "global"] == [0, 1, 2, 3]
+    for rnd in (1, 2, 3):  # every site trained and evaluated in every round, recorded once
+        for phase in ("train", "evaluate"):
+            nodes = [r["node"] for r in records if r["scope"] == "node" and r.get("phase") == phase
+                     and r["round"] == rnd]
+            assert sorted(nodes) == sorted(n["name"] for n in store.nodes)
