@@ -448,6 +448,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
     up and shuts Ray down when the simulation ends."""
     import ray
+    import torch
     from flwr.simulation import run_simulation
 
     from snowfed.client.app import app as client_app
@@ -461,8 +462,15 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
             ray.shutdown()
     if not ray.is_initialized():
         ray.init(**args)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                   backend_config=backend_config(cfg["backend"]), verbose_logging=verbose)
+    # The actors have the CPUs (one thread each): the server's evaluation, which runs while they
+    # train, takes one thread too, rather than OpenMP threads spinning against the actors.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                       backend_config=backend_config(cfg["backend"]), verbose_logging=verbose)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round,
