@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -310,12 +311,8 @@ def run(
 def _run_locked(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Federate | None = None,
                 quiet: bool = False, hook: RoundHook | None = None) -> dict[str, Any]:
     federated = federate is None and cfg.get("aggregation", {}).get("name") not in REFERENCES
-    ray_start = start_ray_early(cfg) if federated else None
-    try:
+    with ray_started_early(cfg if federated else None) as ray_start:
         return _run_started(cfg, run_dir, resuming, federate, quiet, hook, ray_start)
-    finally:
-        if ray_start is not None:
-            ray_start.close()
 
 
 def _run_started(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: Federate | None,
@@ -429,13 +426,28 @@ class RayStart:
             ray.shutdown()
 
 
-def start_ray_early(cfg: Mapping[str, Any]) -> RayStart | None:
-    """A background start of Ray for a simulation of `cfg`; None if its backend keys are bad
-    (validation then names them)."""
+@contextmanager
+def ray_started_early(cfg: Mapping[str, Any] | None) -> Iterator[RayStart | None]:
+    """A background start of Ray for a simulation of `cfg` (None: no start, nor for a config
+    whose backend keys are bad: validation names them), closed when the block ends. Not on
+    Ctrl-C: the CLI then leaves at once (cli._interrupt_exits), since shutting Ray down with its
+    threads interrupted mid-flight crashed the interpreter (seen: a segfault)."""
+    start = None
+    if cfg is not None:
+        try:
+            start = RayStart(cfg)
+        except (ConfigError, KeyError, TypeError):
+            start = None
     try:
-        return RayStart(cfg)
-    except (ConfigError, KeyError, TypeError):
-        return None
+        yield start
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if start is not None:
+            start.close()
+        raise
+    if start is not None:
+        start.close()
 
 
 def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: RayStart | None = None

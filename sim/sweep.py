@@ -40,10 +40,10 @@ from .runner import (
     RayStart,
     backend_config,
     plain_config,
+    ray_started_early,
     resume,
     run,
     run_engine,
-    start_ray_early,
     validate,
 )
 
@@ -149,12 +149,8 @@ def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO 
     # Ray starts while the jobs are checked, for the first run that will need it
     first = next((j for j in jobs if j.cfg.get("aggregation", {}).get("name") not in REFERENCES
                   and read_summary_status(j.run_dir) != "completed"), None)
-    ray_start = start_ray_early(first.cfg) if first is not None else None
-    try:
+    with ray_started_early(first.cfg if first is not None else None) as ray_start:
         return _run_jobs(jobs, parallel, stream, ray_start)
-    finally:
-        if ray_start is not None:
-            ray_start.close()
 
 
 def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
