@@ -64,6 +64,11 @@ class FederationStopped(RuntimeError):
     """Too few sites replied in a round to go on; the run ends `failed` with this reason."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """The user stopped the run (Ctrl-C sets run_federation's `stop`). Raised by the server loop
+    while it waits for replies; the run directory holds every round completed before it."""
+
+
 # Flower's strategies sample sites with Python's global `random`, central DP draws its noise from
 # numpy's global RNG and a model's init from torch's. A sweep (snowfed.sim.sweep) runs several
 # federations in threads of one process, so each run keeps its own states (RunRandomness) and
@@ -163,17 +168,21 @@ class _Sent:
     """Messages pushed to the nodes now, their replies collected later (`replies`), so that
     several exchanges can be in flight at once; each waits at most `timeout` s from its push."""
 
-    def __init__(self, grid: Grid, messages: list[Message], timeout: float):
-        self.grid, self.messages = grid, messages
+    def __init__(self, grid: Grid, messages: list[Message], timeout: float,
+                 stop: threading.Event | None = None):
+        self.grid, self.messages, self.stop = grid, messages, stop
         self.ids = set(grid.push_messages(messages)) if messages else set()
         self.deadline = time.monotonic() + timeout
         self.interval = _pull_interval(grid)
 
     def replies(self) -> tuple[list[Message], list[int]]:
-        """The replies, and the nodes that did not reply in time."""
+        """The replies, and the nodes that did not reply in time. Raises RunInterrupted as soon
+        as `stop` is set."""
         replies: list[Message] = []
         waiting = set(self.ids)
         while waiting:
+            if self.stop is not None and self.stop.is_set():
+                raise RunInterrupted()
             got = list(self.grid.pull_messages(waiting))
             replies.extend(got)
             waiting -= {m.metadata.reply_to_message_id for m in got}
@@ -207,12 +216,15 @@ def run_federation(
     run_dir: Path,
     on_round: Callable[[int, dict, dict[str, float]], None] | None = None,
     share_store: bool = True,
+    stop: threading.Event | None = None,
 ) -> FederationResult:
     """Run rounds up to `cfg["rounds"]`, from the run directory's checkpoint if it has one;
     append to metrics.jsonl as rounds complete, checkpoint each round, write the final model.
 
     `share_store`: the nodes read their data from the server's store (a simulation: its path goes
-    in every message); False in a real deployment, where each site's node config names its own."""
+    in every message); False in a real deployment, where each site's node config names its own.
+    `stop`: once set, the loop raises RunInterrupted at its next wait for replies, leaving the
+    messages in flight to the engine (a simulation's Ctrl-C, snowfed.sim.runner)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_global_model(cfg["model"], store.manifest["num_classes"], cfg["seed"]).to(device)
     test_images, test_targets = store.test_set()
@@ -277,7 +289,7 @@ def run_federation(
     def send_train(rnd: int, arrays: ArrayRecord) -> _Sent:
         with rng.active():
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(node_config)), grid))
-        return _Sent(grid, messages, timeout)
+        return _Sent(grid, messages, timeout, stop)
 
     first, last = max(completed) + 1, int(cfg["rounds"])
     training = send_train(first, arrays) if first <= last else None
@@ -298,7 +310,7 @@ def run_federation(
             arrays = aggregated
         with rng.active():
             evaluating = _Sent(grid, list(strategy.configure_evaluate(
-                rnd, arrays, ConfigRecord(dict(node_config)), grid)), timeout)
+                rnd, arrays, ConfigRecord(dict(node_config)), grid)), timeout, stop)
         random_state = (rng.python, rng.numpy)  # what a resume from this round starts with
         training = send_train(rnd + 1, arrays) if rnd < last else None
         metrics = evaluate_global(rnd, arrays)  # while the nodes evaluate and train

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 import warnings
@@ -450,15 +453,43 @@ def ray_started_early(cfg: Mapping[str, Any] | None) -> Iterator[RayStart | None
         start.close()
 
 
-def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: RayStart | None = None
-               ) -> None:
+@contextmanager
+def ctrl_c_sets(stop: threading.Event | None) -> Iterator[None]:
+    """Ctrl-C during a simulation sets `stop`: the ServerApp's loops (run_federation) then end at
+    their next wait for replies, the runs' summaries say `interrupted`, and Flower ends the
+    simulation in order: its workers finish the client task in hand, then it shuts Ray down.
+    A KeyboardInterrupt in the engine's thread instead shut Ray down under those workers, and
+    the interpreter crashed (a segfault, about one Ctrl-C in three). A second Ctrl-C leaves at
+    once: the run directory is consistent after every write, and resumable."""
+    if stop is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(signum, frame) -> None:
+        if stop.is_set():
+            print("snowfed: interrupted twice; leaving now (the run directory holds every "
+                  "completed round: `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGINT)
+        stop.set()
+        print("snowfed: stopping after the client tasks in hand (Ctrl-C again to leave at once)",
+              file=sys.stderr, flush=True)
+
+    before = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: RayStart | None = None,
+               stop: threading.Event | None = None) -> None:
     """Flower's simulation engine (Ray backend) with snowfed's ClientApp on `num_sites` nodes.
 
     Ray is started by snowfed (`ray_start`, or here), before the engine would start it, without
     the runtime_env Flower adds (a PYTHONPATH for apps it installs itself; snowfed is installed
     in this interpreter): the worker processes Ray starts at init, which have imported the
     ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
-    up and shuts Ray down when the simulation ends."""
+    up and shuts Ray down when the simulation ends. `stop`: set by Ctrl-C (`ctrl_c_sets`)."""
     import ray
     import torch
     from flwr.simulation import run_simulation
@@ -479,8 +510,9 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
-                       backend_config=backend_config(cfg["backend"]), verbose_logging=verbose)
+        with ctrl_c_sets(stop):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_sites,
+                           backend_config=backend_config(cfg["backend"]), verbose_logging=verbose)
     finally:
         torch.set_num_threads(threads)
 
@@ -490,19 +522,20 @@ def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round,
     """The federation under Flower's simulation engine (Ray backend); the server's result."""
     from flwr.serverapp import ServerApp
 
-    from snowfed.server.app import run_federation
+    from snowfed.server.app import RunInterrupted, run_federation
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
+    stop = threading.Event()
 
     @server_app.main()
     def main(grid, context) -> None:
         try:
-            outcome["result"] = run_federation(grid, cfg, store, run_dir, on_round)
-        except Exception as exc:  # Flower only logs a ServerApp's exception; raise it here
+            outcome["result"] = run_federation(grid, cfg, store, run_dir, on_round, stop=stop)
+        except (Exception, RunInterrupted) as exc:  # Flower only logs a ServerApp's exception
             outcome["error"] = exc
 
-    run_engine(server_app, len(plan.hospitals), cfg, ray_start)
+    run_engine(server_app, len(plan.hospitals), cfg, ray_start, stop)
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")

@@ -13,7 +13,9 @@ run's results do not depend on what ran beside it.
 
 A sweep stopped half-way and started again with the same command runs only what is missing:
 a completed run is skipped, an unfinished one with a checkpoint resumes from it, and one without
-(stopped before round 0 was evaluated) is moved aside, kept, and run again. Reference
+(stopped before round 0 was evaluated) is moved aside, kept, and run again. Ctrl-C stops the
+runs in flight at their next wait for replies (their summaries say `interrupted`) and starts no
+other. Reference
 aggregations (pooled, local) are not federated and run in this process, one after another.
 """
 
@@ -35,6 +37,7 @@ from typing import Any, TextIO
 from snowfed.config import ConfigError, require
 from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
+from snowfed.server.app import RunInterrupted
 
 from .runner import (
     RayStart,
@@ -169,13 +172,18 @@ def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
         else:
             key = json.dumps([len(plan.hospitals), backend_config(job.cfg["backend"])], sort_keys=True)
             federated.setdefault(key, []).append(i)
+    stop = threading.Event()  # Ctrl-C: runs in flight stop, the ones not started stay so
     for indices in federated.values():
         group = [jobs[i] for i in indices]
+        if stop.is_set():
+            for i in indices:
+                outcomes[i] = Outcome(jobs[i], "interrupted", error="not started")
+            continue
         width = parallel_runs(parallel, group, [plans[i] for i in indices])
         print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites in one "
               f"Flower simulation, {width} at a time", file=progress.stream, flush=True)
         num_sites = len(plans[indices[0]].hospitals)
-        results = _simulate_group(group, num_sites, width, progress.finished, ray_start)
+        results = _simulate_group(group, num_sites, width, progress.finished, ray_start, stop)
         ray_start = None  # used (or shut down) by the first simulation
         for i, outcome in zip(indices, results):
             outcomes[i] = outcome
@@ -183,8 +191,10 @@ def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
 
 
 def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Callable[[Outcome], None],
-                    ray_start: RayStart | None = None) -> list[Outcome]:
-    """One Flower simulation (Ray backend) whose ServerApp runs `jobs`, `width` at a time."""
+                    ray_start: RayStart | None = None, stop: threading.Event | None = None
+                    ) -> list[Outcome]:
+    """One Flower simulation (Ray backend) whose ServerApp runs `jobs`, `width` at a time;
+    once `stop` is set (Ctrl-C), the runs in flight end `interrupted` and no other starts."""
     from flwr.serverapp import ServerApp
 
     from snowfed.server.app import run_federation
@@ -195,16 +205,19 @@ def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Calla
     @server_app.main()
     def main(grid, context) -> None:
         def federate(cfg, plan, store, run_dir, on_round):
-            return run_federation(grid, cfg, store, run_dir, on_round)
+            return run_federation(grid, cfg, store, run_dir, on_round, stop=stop)
 
         def one(i: int) -> None:
-            outcomes[i] = _run_job(jobs[i], federate)
+            if stop is not None and stop.is_set():
+                outcomes[i] = Outcome(jobs[i], "interrupted", error="not started")
+            else:
+                outcomes[i] = _run_job(jobs[i], federate)
             finished(outcomes[i])
 
         with ThreadPoolExecutor(max_workers=width, thread_name_prefix="snowfed-run") as pool:
             list(pool.map(one, range(len(jobs))))
 
-    run_engine(server_app, num_sites, jobs[0].cfg, ray_start)
+    run_engine(server_app, num_sites, jobs[0].cfg, ray_start, stop)
     return [o or Outcome(job, "crashed", error="the simulation stopped before this run")
             for job, o in zip(jobs, outcomes)]
 
@@ -218,6 +231,8 @@ def _run_job(job: Job, federate) -> Outcome:
         else:
             _move_aside_unfinished(job.run_dir)
             summary = run(job.cfg, job.run_dir, federate=federate, quiet=True)
+    except RunInterrupted:  # its summary says so; the sweep's other runs stop too
+        return Outcome(job, "interrupted", error="interrupted by the user")
     except Exception as exc:  # noqa: BLE001 - reported per run; the sweep goes on
         traceback.print_exc()
         return Outcome(job, "crashed", error=f"{type(exc).__name__}: {exc}")

@@ -218,6 +218,10 @@ def _run_sweep(parallel: int | str) -> int:
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     print("sweep finished: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if "interrupted" in counts:
+        print("snowfed: interrupted; the same command again runs only what is missing",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0 if set(counts) <= {"completed", "skipped"} else EXIT_FAILED
 
 
@@ -239,15 +243,16 @@ def resume_command(overrides: list[str]) -> int:
 
 
 class _interrupt_exits:
-    """Ctrl-C: say where the results are and leave. The summary is already on disk; Ray's and
-    gRPC's threads, interrupted mid-flight, can crash the interpreter's normal teardown (seen:
-    a segfault), so leave without it."""
+    """Ctrl-C: say where the results are and leave. The summary is already on disk. Leave without
+    the interpreter's teardown: a Ctrl-C before the simulation took over (sim.runner.ctrl_c_sets)
+    leaves Ray starting in a thread (sim.runner.RayStart), and tearing it down from there
+    crashed the interpreter (seen: a segfault)."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, tb):
-        if kind is KeyboardInterrupt:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
             print("snowfed: interrupted; the run directory holds everything up to the last round "
                   "(continue it with `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
             sys.stdout.flush()

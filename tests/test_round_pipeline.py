@@ -108,3 +108,38 @@ def test_next_rounds_training_goes_out_before_this_round_is_recorded(smoke_cfg, 
             nodes = [r["node"] for r in records if r["scope"] == "node" and r.get("phase") == phase
                      and r["round"] == rnd]
             assert sorted(nodes) == sorted(n["name"] for n in store.nodes)
+
+
+def test_a_stop_ends_the_loop_at_its_next_wait_keeping_the_completed_rounds(smoke_cfg, tmp_path):
+    """Ctrl-C's path (sim.runner.ctrl_c_sets): `stop` set while round 2 is out ends the loop with
+    RunInterrupted before round 2 is recorded; the checkpoint is round 1's, and resumable."""
+    import threading
+
+    from snowfed.rundir import load_checkpoint
+    from snowfed.server.app import RunInterrupted
+    from snowfed.sim.runner import prepare
+
+    smoke_cfg.update(rounds=5)
+    smoke_cfg["strategy"]["local_steps"] = 1
+    run_dir = tmp_path / "run"
+    _, store = prepare(smoke_cfg, run_dir)
+    grid = LocalGrid(len(store.nodes), run_dir / "metrics.jsonl")
+    stop = threading.Event()
+
+    def on_round(rnd, global_metrics, node_f1):
+        if rnd == 1:
+            stop.set()
+
+    with pytest.raises(RunInterrupted):
+        run_federation(grid, smoke_cfg, store, run_dir, on_round, stop=stop)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records if r["scope"] == "global"] == [0, 1]
+    assert load_checkpoint(run_dir)["round"] == 1
+    assert any(kind == "train" and rnd == 2 for _, kind, rnd, _ in grid.events)  # it was out
+
+    stop.clear()  # the same directory continues from round 1
+    result = run_federation(LocalGrid(len(store.nodes), run_dir / "metrics.jsonl"), smoke_cfg,
+                            store, run_dir)
+    assert result.rounds_completed == 5
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in records if r["scope"] == "global"] == [0, 1, 2, 3, 4, 5]

@@ -103,10 +103,12 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
             if line.startswith("round 2/") or time.monotonic() > deadline:
                 break
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        rest = proc.stderr.read()  # Flower ends the simulation in order (sim.runner.ctrl_c_sets)
+        assert proc.wait(timeout=120) == 130, rest[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert "stopping after the client tasks in hand" in rest
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert summary["rounds"] >= 2

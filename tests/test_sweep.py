@@ -60,6 +60,41 @@ def test_parallel_runs_in_one_simulation_match_runs_alone(tmp_path, monkeypatch)
     assert _global_and_sampled(tmp_path / "seed0") != alone  # the seed matters
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_in_flight_and_starts_no_other(tmp_path):
+    """SIGINT to this process (as a terminal's Ctrl-C) during the first of three runs: that run
+    ends `interrupted` with its completed rounds kept, the others do not start, and the same
+    sweep started again resumes the first and runs the others."""
+    import os
+    import signal
+    import threading
+    import time
+
+    jobs = [Job(_cfg(f"seed={seed}", "rounds=60"), tmp_path / f"seed{seed}") for seed in (0, 1, 2)]
+    metrics = jobs[0].run_dir / "metrics.jsonl"
+
+    def ctrl_c_after_round_1() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if any('"global"' in line and '"round": 1,' in line for line in lines):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_round_1, daemon=True).start()
+    before = signal.getsignal(signal.SIGINT)
+    outcomes = run_sweep(jobs, parallel=1)
+    assert signal.getsignal(signal.SIGINT) is before  # the sweep's handler is gone
+    assert [o.status for o in outcomes] == ["interrupted"] * 3
+    assert [o.error for o in outcomes[1:]] == ["not started"] * 2
+    summary = json.loads((jobs[0].run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 1 <= summary["rounds"] < 60
+    assert not jobs[1].run_dir.exists() and not jobs[2].run_dir.exists()
+    plan_jobs(jobs)  # what the same sweep started again does
+    assert [job.action for job in jobs] == ["resume", "run", "run"]
+
+
 def test_plan_skips_completed_runs_and_resumes_checkpointed_ones(tmp_path):
     done, unfinished, fresh = (tmp_path / n for n in ("done", "unfinished", "fresh"))
     done.mkdir()
