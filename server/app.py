@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +116,51 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 
 
 def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) -> dict[int, int]:
-    """Ask every connected node which partition it is, so that a node that never replies is
-    still recorded under its hospital's name; the partition of each node that replied."""
-    node_ids = list(grid.get_node_ids())
+    """Which partition (hospital) each connected node is, so that a node that never replies is
+    still recorded under its hospital's name, and sites are sampled in partition order.
+
+    Flower's simulation engine registers node i as partition i, one after another
+    (flwr.server.superlink.fleet.vce.vce_api._register_nodes), so there the nodes' registration
+    times give the answer, and only the last node is asked, to confirm it (asking every node
+    cost 7.5 s at 1000 nodes here). The wait for that reply is also the wait for the engine's
+    actors to start, which round 1's timeout should not count. Every later reply names its
+    node's partition too, and RoundRecorder stops the run if one contradicts the answer.
+    Elsewhere (a deployment), or if the order cannot be confirmed, every node is asked."""
+    inner = grid._grid if isinstance(grid, PartitionOrderedGrid) else grid
+    partitions = _registration_order(inner, len(recorder.node_names))
+    if partitions is not None:
+        last = max(partitions, key=partitions.__getitem__)
+        if _ask_partitions(inner, store_path, [last]) != {last: partitions[last]}:
+            partitions = None
+    if partitions is None:
+        partitions = _ask_partitions(inner, store_path, list(inner.get_node_ids()))
+    for node_id, partition in partitions.items():
+        recorder.names_by_node_id[node_id] = recorder.node_names[partition]
+    return partitions
+
+
+def _registration_order(grid: Grid, num_sites: int) -> dict[int, int] | None:
+    """Partition by node id from the order the simulation registered its nodes; None when the
+    grid is not the simulation's, or the order is not unambiguous."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return None
+    nodes = list(grid.get_nodes())
+    stamps = [n.registered_at for n in nodes]
+    if len(nodes) != num_sites or len(set(stamps)) != len(stamps):
+        return None
+    ordered = sorted(nodes, key=lambda n: datetime.fromisoformat(n.registered_at))
+    return {n.node_id: partition for partition, n in enumerate(ordered)}
+
+
+def _ask_partitions(grid: Grid, store_path: str | None, node_ids: list[int]) -> dict[int, int]:
+    """One `query.identify` message to each of `node_ids`; the partition of each that replied."""
     config = ConfigRecord({"store": store_path} if store_path else {})
     messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
                         message_type="query.identify") for nid in node_ids]
-    partitions = {}
-    for reply in _exchange(grid, messages, timeout=600)[0]:
-        if not reply.has_error():
-            partition = int(reply.content["metrics"][NODE_KEY])
-            partitions[reply.metadata.src_node_id] = partition
-            recorder.names_by_node_id[reply.metadata.src_node_id] = recorder.node_names[partition]
-    return partitions
+    return {reply.metadata.src_node_id: int(reply.content["metrics"][NODE_KEY])
+            for reply in _exchange(grid, messages, timeout=600)[0] if not reply.has_error()}
 
 
 class PartitionOrderedGrid(Grid):

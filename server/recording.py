@@ -54,7 +54,10 @@ class RoundRecorder:
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             name = self.node_names[int(metrics.pop(NODE_KEY))]
-            self.names_by_node_id[src] = name
+            if self.names_by_node_id.setdefault(src, name) != name:
+                raise RuntimeError(
+                    f"node {src} replied as {name!r} but was identified as "
+                    f"{self.names_by_node_id[src]!r} (server.app.identify_nodes)")
             if phase == "evaluate" and "f1" in metrics:
                 self._node_f1[name] = float(metrics["f1"])
             records.append({"round": rnd, "scope": "node", "node": name, "phase": phase, **metrics})

@@ -143,3 +143,56 @@ def test_a_stop_ends_the_loop_at_its_next_wait_keeping_the_completed_rounds(smok
     assert result.rounds_completed == 5
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in records if r["scope"] == "global"] == [0, 1, 2, 3, 4, 5]
+
+
+def _simulation_grid(num_nodes: int):
+    """The Grid and node registration of Flower's simulation engine, as run_simulation sets
+    them up (flwr.simulation.run_simulation._main_loop, vce_api._register_nodes)."""
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = _register_nodes(num_nodes, factory)
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 1, NOOP_FEDERATION_ID
+    factory.state().run_ids[run.run_id] = RunRecord(run=run)
+    factory.state().task_store[1] = Task(task_id=1, run_id=run.run_id)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return grid, mapping
+
+
+def test_the_simulations_node_order_is_its_partition_order():
+    """What identify_nodes relies on to ask one node instead of all: Flower's simulation
+    registers node i as partition i, in order (if Flower changes that, this fails)."""
+    from snowfed.server.app import _registration_order
+
+    grid, mapping = _simulation_grid(300)
+    assert _registration_order(grid, 300) == mapping
+    assert _registration_order(grid, 299) is None  # not the federation's nodes: ask them
+
+
+def test_a_reply_that_contradicts_the_identified_partition_stops_the_run(tmp_path):
+    from flwr.app import MetricRecord
+
+    from snowfed.server.recording import NODE_KEY, RoundRecorder
+
+    recorder = RoundRecorder(tmp_path / "metrics.jsonl", ["alpha", "beta"])
+    recorder.names_by_node_id = {11: "alpha", 12: "beta"}
+
+    def reply(node_id: int, partition: int) -> Message:
+        msg = Message(RecordDict({"metrics": MetricRecord({NODE_KEY: partition, "f1": 0.5})}),
+                      dst_node_id=node_id, message_type="evaluate")
+        msg.metadata.__dict__["_src_node_id"] = node_id
+        return msg
+
+    recorder.record_replies(1, "evaluate", [reply(11, 0), reply(12, 1)])
+    with pytest.raises(RuntimeError, match="replied as 'alpha' but was identified as 'beta'"):
+        recorder.record_replies(2, "evaluate", [reply(12, 0)])
