@@ -126,14 +126,13 @@ def identify_nodes(grid: Grid, recorder: RoundRecorder, store_path: str | None) 
     actors to start, which round 1's timeout should not count. Every later reply names its
     node's partition too, and RoundRecorder stops the run if one contradicts the answer.
     Elsewhere (a deployment), or if the order cannot be confirmed, every node is asked."""
-    inner = grid._grid if isinstance(grid, PartitionOrderedGrid) else grid
-    partitions = _registration_order(inner, len(recorder.node_names))
+    partitions = _registration_order(grid, len(recorder.node_names))
     if partitions is not None:
         last = max(partitions, key=partitions.__getitem__)
-        if _ask_partitions(inner, store_path, [last]) != {last: partitions[last]}:
+        if _ask_partitions(grid, store_path, [last]) != {last: partitions[last]}:
             partitions = None
     if partitions is None:
-        partitions = _ask_partitions(inner, store_path, list(inner.get_node_ids()))
+        partitions = _ask_partitions(grid, store_path, list(grid.get_node_ids()))
     for node_id, partition in partitions.items():
         recorder.names_by_node_id[node_id] = recorder.node_names[partition]
     return partitions

@@ -15,8 +15,8 @@ A sweep stopped half-way and started again with the same command runs only what 
 a completed run is skipped, an unfinished one with a checkpoint resumes from it, and one without
 (stopped before round 0 was evaluated) is moved aside, kept, and run again. Ctrl-C stops the
 runs in flight at their next wait for replies (their summaries say `interrupted`) and starts no
-other. Reference
-aggregations (pooled, local) are not federated and run in this process, one after another.
+other. Reference aggregations (pooled, local) are not federated and run in this process, one
+after another.
 """
 
 from __future__ import annotations
