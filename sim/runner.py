@@ -433,8 +433,9 @@ class RayStart:
 def ray_started_early(cfg: Mapping[str, Any] | None) -> Iterator[RayStart | None]:
     """A background start of Ray for a simulation of `cfg` (None: no start, nor for a config
     whose backend keys are bad: validation names them), closed when the block ends. Not on
-    Ctrl-C: the CLI then leaves at once (cli._interrupt_exits), since shutting Ray down with its
-    threads interrupted mid-flight crashed the interpreter (seen: a segfault)."""
+    Ctrl-C: during the simulation Flower has shut Ray down already (`ctrl_c_sets`); before it,
+    the CLI leaves at once (cli._interrupt_exits), since shutting Ray down from a
+    KeyboardInterrupt crashed the interpreter (seen: a segfault)."""
     start = None
     if cfg is not None:
         try:
