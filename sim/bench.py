@@ -79,9 +79,9 @@ class Workload:
 
 def workloads(quick: bool, data: Path) -> dict[str, Workload]:
     """The benchmark's runs as snowfed overrides. --quick keeps each workload's shape, fewer
-    rounds, steps and runs."""
+    rounds, steps and runs; its S runs are W2's run with seeds 0 and 1 (see `_bench`)."""
     w1_steps, w1_rounds = (2, 1) if quick else (12, 10)
-    w2_rounds, s_runs, s_rounds = (2, 2, 1) if quick else (30, 12, 5)
+    w2_rounds, s_runs, s_rounds = (2, 2, 2) if quick else (30, 12, 5)
     many = ["task=classification", "dataset=npz", f"dataset.path={data}", "model=smallcnn", "model.width=8",
             "federation=many_sites", "federation.partition.scheme=iid",
             "aggregation.fraction_train=0.1", "aggregation.fraction_evaluate=0.1",
@@ -123,6 +123,7 @@ def _configs(overrides: tuple[str, ...], runs: int, out: Path) -> list[tuple[dic
 def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dict[str, Any]:
     """Run one variant of one workload in this process; the round times it saw."""
     ticks: list[float] = []  # time at the end of each evaluated round (round 0 excluded)
+    run_ends: list[float] = []  # b and c: time at the end of each run (a sweep's runs overlap)
 
     def tick(rnd: int, *_):
         if rnd > 0:
@@ -139,15 +140,14 @@ def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dic
 
             outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in jobs], stream=open(os.devnull, "w"))
             assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
-    elif variant == "b":
+    else:
         from snowfed.sim.bench_flower_app import run_stock_flower
 
+        one_run = run_stock_flower if variant == "b" else plain_loop
         for cfg, run_dir in jobs:
-            run_stock_flower(cfg, run_dir, tick)
-    else:
-        for cfg, run_dir in jobs:
-            plain_loop(cfg, run_dir, tick)
-    return {"ticks": ticks}
+            one_run(cfg, run_dir, tick)
+            run_ends.append(time.monotonic())
+    return {"ticks": ticks, "run_ends": run_ends}
 
 
 def plain_loop(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
@@ -238,8 +238,30 @@ class Measured:
     peak_mb: float
 
 
-def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> Measured:
-    """Run one variant in a fresh process; its times and the peak memory of its process tree."""
+@dataclass
+class Process:
+    """What one variant's process did: memory samples (time, kB), the child's round ticks and run
+    ends, all in seconds from its spawn."""
+    wall_s: float
+    samples: list[tuple[float, int]]
+    ticks: list[float]
+    run_ends: list[float]
+
+    def figures(self, first_run_only: bool = False) -> Measured:
+        """The process's figures; or those of its first run alone, as if the process had ended
+        there (the same work in a fresh process, less its exit)."""
+        end = self.run_ends[0] if first_run_only else self.wall_s
+        ticks = [t for t in self.ticks if t <= end]
+        single = first_run_only or len(self.run_ends) <= 1
+        per_round = float("nan")  # a sweep's rounds belong to several runs: only its wall time counts
+        if single and len(ticks) > 1:
+            per_round = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
+        peak = max((kb for t, kb in self.samples if t <= end), default=0)
+        return Measured(end, ticks[0] if ticks else end, per_round, peak / 1024)
+
+
+def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> Process:
+    """Run one variant in a fresh process; its times and the memory of its process tree."""
     out.mkdir(parents=True, exist_ok=True)
     result = out / "result.json"
     cmd = [sys.executable, "-m", "snowfed.sim.bench", "--child", variant, "--runs", str(runs),
@@ -248,21 +270,17 @@ def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> M
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"),
                             env={**os.environ, "SNOWFED_BENCH_RESULT": str(result),
                                  "SNOWFED_BENCH_START": str(start)})
-    peak = 0
+    samples = []
     while proc.poll() is None:
-        peak = max(peak, _tree_pss_kb(proc.pid))
+        samples.append((time.monotonic() - start, _tree_pss_kb(proc.pid)))
         time.sleep(0.2)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}); see "
                            f"{out / 'stderr.log'}:\n" + (out / "stderr.log").read_text()[-2000:])
     report = json.loads(result.read_text())
-    ticks = [t - report["start"] for t in report["ticks"]]
-    first = ticks[0] if ticks else wall
-    per_round = float("nan")  # a sweep's rounds belong to several runs: only its wall time counts
-    if runs == 1 and len(ticks) > 1:
-        per_round = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
-    return Measured(wall, first, per_round, peak / 1024)
+    return Process(wall, samples, [t - report["start"] for t in report["ticks"]],
+                   [t - report["start"] for t in report["run_ends"]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,31 +311,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(root: Path, only: list[str], quick: bool) -> int:
+    """Measure the workloads in `only`. --quick spares two process start-ups: its S runs are W2's
+    run with seeds 0 and 1, so W2's b and c figures are those of the first run of S's b and c
+    processes (each a fresh process whose first work is exactly W2's)."""
     data = synthetic_npz(root / "data.npz", 5_000 if quick else 30_000)
     plan = workloads(quick, data)
+    shared = quick and {"W2", "S"} <= set(only)
+    assert not shared or plan["S"].overrides == plan["W2"].overrides
+    got: dict[str, dict[str, Measured]] = {}
     ratios: list[str] = []
     print(f"{'workload':8} {'variant':8} {'wall s':>8} {'first round s':>14} {'per round s':>12} "
           f"{'peak MB':>8}", flush=True)
+
+    def row(name: str, variant: str, m: Measured) -> None:
+        got.setdefault(name, {})[variant.split()[0]] = m
+        print(f"{name:8} {variant:8} {m.wall_s:8.1f} {m.first_round_s:14.1f} {m.per_round_s:12.3f} "
+              f"{m.peak_mb:8.0f}", flush=True)
+
     for name in (w for w in only if w in plan):
         load = plan[name]
-        got = {}
-        # --quick leaves out W1's stock Flower run: no target compares W1 with it
-        for variant in ("a", "c") if quick and name == "W1" else VARIANTS:
-            got[variant] = measure(variant, load.overrides, load.runs, root / name / variant)
-            m = got[variant]
-            print(f"{name:8} {variant:8} {m.wall_s:8.1f} {m.first_round_s:14.1f} {m.per_round_s:12.3f} "
-                  f"{m.peak_mb:8.0f}", flush=True)
-        ratios.append(f"{name} a/c={got['a'].wall_s / got['c'].wall_s:.2f}")
+        variants = VARIANTS
+        if quick and name == "W1":
+            variants = ("a", "c")  # no target compares W1 with stock Flower
+        if shared and name == "W2":
+            variants = ("a",)  # b and c: the first run of S's processes, below
+        for variant in variants:
+            process = measure(variant, load.overrides, load.runs, root / name / variant)
+            row(name, variant, process.figures())
+            if shared and name == "S" and variant != "a":
+                row("W2", f"{variant} (S#0)", process.figures(first_run_only=True))
+    for name in (w for w in only if w in plan):
+        ratios.append(f"{name} a/c={got[name]['a'].wall_s / got[name]['c'].wall_s:.2f}")
         if name != "W1":
-            ratios.append(f"{name} a/b={got['a'].wall_s / got['b'].wall_s:.2f}")
+            ratios.append(f"{name} a/b={got[name]['a'].wall_s / got[name]['b'].wall_s:.2f}")
     if "MEM" in only:
         peaks = {}
         for sites in (10, 1000) if quick else (10, 100, 1000):
             m = measure("a", mem_overrides(data, sites, 1 if quick else 2, visit_all=not quick), 1,
-                        root / "MEM" / str(sites))
+                        root / "MEM" / str(sites)).figures()
             peaks[sites] = m.peak_mb
-            print(f"{'MEM':8} {f'a {sites}':8} {m.wall_s:8.1f} {m.first_round_s:14.1f} "
-                  f"{m.per_round_s:12.3f} {m.peak_mb:8.0f}", flush=True)
+            row("MEM", f"a {sites}", m)
         ratios.append(f"mem1000/mem10={peaks[1000] / peaks[10]:.2f}")
     print(" ".join(ratios), flush=True)
     return 0

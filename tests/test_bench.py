@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from snowfed.sim.bench import (
+    Process,
     _configs,
     _tree_pss_kb,
     mem_overrides,
@@ -54,8 +55,21 @@ def test_every_workload_is_a_valid_config(data, quick):
     for load in loads.values():
         for cfg, _ in _configs(load.overrides, 1, Path("unused")):
             validate(cfg)
+    if quick:  # W2's b and c figures are the first run of S's processes: the same work
+        assert loads["S"].overrides == loads["W2"].overrides
     plan = validate(_configs(mem_overrides(data, 100, 1), 1, Path("unused"))[0][0])
     assert len(plan.hospitals) == 100  # (the benchmark's own file has enough images for 1000)
+
+
+def test_a_processs_first_run_is_timed_and_measured_up_to_its_end_only():
+    process = Process(wall_s=20.0, samples=[(1.0, 100), (5.0, 300), (9.0, 200), (15.0, 900)],
+                      ticks=[4.0, 6.0, 8.0, 13.0, 14.0], run_ends=[8.5, 14.5])
+    first = process.figures(first_run_only=True)
+    assert (first.wall_s, first.first_round_s, first.per_round_s) == (8.5, 4.0, 2.0)
+    assert first.peak_mb == 300 / 1024  # not the second run's 900 kB
+    whole = process.figures()
+    assert (whole.wall_s, whole.first_round_s, whole.peak_mb) == (20.0, 4.0, 900 / 1024)
+    assert whole.per_round_s != whole.per_round_s  # NaN: two runs' rounds are not one run's
 
 
 def test_plain_loop_trains_the_sampled_sites_and_reports_every_round(data, tmp_path):
@@ -98,3 +112,17 @@ def test_memory_probe_sums_a_process_and_its_children():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_a_variant_process_reports_each_runs_rounds_and_end(data, tmp_path):
+    from snowfed.sim.bench import measure
+
+    overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=2")
+    process = measure("c", overrides, 2, tmp_path)
+    assert len(process.ticks) == 4 and len(process.run_ends) == 2  # rounds 1-2 of two runs
+    assert process.ticks[1] <= process.run_ends[0] < process.ticks[2] <= process.run_ends[1]
+    first, whole = process.figures(first_run_only=True), process.figures()
+    assert first.wall_s == process.run_ends[0] < whole.wall_s
+    assert 0 < first.peak_mb <= whole.peak_mb
+    assert (tmp_path / "run1" / "checkpoint.pt").is_file()
