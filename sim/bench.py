@@ -123,7 +123,7 @@ def _configs(overrides: tuple[str, ...], runs: int, out: Path) -> list[tuple[dic
 def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dict[str, Any]:
     """Run one variant of one workload in this process; the round times it saw."""
     ticks: list[float] = []  # time at the end of each evaluated round (round 0 excluded)
-    run_ends: list[float] = []  # b and c: time at the end of each run (a sweep's runs overlap)
+    run_ends: list[float] = []  # time at the end of each run (not in a sweep: its runs overlap)
 
     def tick(rnd: int, *_):
         if rnd > 0:
@@ -135,6 +135,7 @@ def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dic
             from snowfed.sim.runner import run
 
             run(*jobs[0], quiet=True, on_round=tick)
+            run_ends.append(time.monotonic())
         else:
             from snowfed.sim.sweep import Job, run_sweep
 
@@ -242,6 +243,7 @@ class Measured:
 class Process:
     """What one variant's process did: memory samples (time, kB), the child's round ticks and run
     ends, all in seconds from its spawn."""
+    runs: int
     wall_s: float
     samples: list[tuple[float, int]]
     ticks: list[float]
@@ -252,7 +254,7 @@ class Process:
         there (the same work in a fresh process, less its exit)."""
         end = self.run_ends[0] if first_run_only else self.wall_s
         ticks = [t for t in self.ticks if t <= end]
-        single = first_run_only or len(self.run_ends) <= 1
+        single = first_run_only or self.runs == 1
         per_round = float("nan")  # a sweep's rounds belong to several runs: only its wall time counts
         if single and len(ticks) > 1:
             per_round = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
@@ -279,7 +281,7 @@ def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> P
         raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}); see "
                            f"{out / 'stderr.log'}:\n" + (out / "stderr.log").read_text()[-2000:])
     report = json.loads(result.read_text())
-    return Process(wall, samples, [t - report["start"] for t in report["ticks"]],
+    return Process(runs, wall, samples, [t - report["start"] for t in report["ticks"]],
                    [t - report["start"] for t in report["run_ends"]])
 
 

@@ -62,7 +62,7 @@ def test_every_workload_is_a_valid_config(data, quick):
 
 
 def test_a_processs_first_run_is_timed_and_measured_up_to_its_end_only():
-    process = Process(wall_s=20.0, samples=[(1.0, 100), (5.0, 300), (9.0, 200), (15.0, 900)],
+    process = Process(runs=2, wall_s=20.0, samples=[(1.0, 100), (5.0, 300), (9.0, 200), (15.0, 900)],
                       ticks=[4.0, 6.0, 8.0, 13.0, 14.0], run_ends=[8.5, 14.5])
     first = process.figures(first_run_only=True)
     assert (first.wall_s, first.first_round_s, first.per_round_s) == (8.5, 4.0, 2.0)
