@@ -142,9 +142,9 @@ def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dic
             outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in jobs], stream=open(os.devnull, "w"))
             assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
     else:
-        from snowfed.sim.bench_flower_app import run_stock_flower
-
-        one_run = run_stock_flower if variant == "b" else plain_loop
+        one_run = plain_loop
+        if variant == "b":  # c imports nothing of the stock Flower app
+            from snowfed.sim.bench_flower_app import run_stock_flower as one_run
         for cfg, run_dir in jobs:
             one_run(cfg, run_dir, tick)
             run_ends.append(time.monotonic())
