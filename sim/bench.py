@@ -76,10 +76,14 @@ class Workload:
     overrides: tuple[str, ...]
     runs: int = 1  # S: a sweep of this many runs (seeds 0..runs-1)
 
+    def jobs(self) -> list[tuple[str, ...]]:
+        """Each run's overrides."""
+        return [(*self.overrides, f"seed={seed}") for seed in range(self.runs)]
+
 
 def workloads(quick: bool, data: Path) -> dict[str, Workload]:
     """The benchmark's runs as snowfed overrides. --quick keeps each workload's shape, fewer
-    rounds, steps and runs; its S runs are W2's run with seeds 0 and 1 (see `_bench`)."""
+    rounds, steps and runs; its S runs are W2's run with seeds 0 and 1 (see `plan`)."""
     w1_steps, w1_rounds = (2, 1) if quick else (12, 10)
     w2_rounds, s_runs, s_rounds = (2, 2, 2) if quick else (30, 12, 5)
     many = ["task=classification", "dataset=npz", f"dataset.path={data}", "model=smallcnn", "model.width=8",
@@ -112,16 +116,16 @@ def mem_overrides(data: Path, sites: int, rounds: int, visit_all: bool = True) -
 # ---------------------------------------------------------------- the child process: one variant
 
 
-def _configs(overrides: tuple[str, ...], runs: int, out: Path) -> list[tuple[dict, Path]]:
+def _configs(jobs: list[tuple[str, ...]], out: Path) -> list[tuple[dict, Path]]:
     from snowfed.config import compose
     from snowfed.sim.runner import plain_config
 
-    return [(plain_config(compose([*overrides, f"seed={seed}"])), out / f"run{seed}")
-            for seed in range(runs)]
+    return [(plain_config(compose(list(job))), out / f"run{i}") for i, job in enumerate(jobs)]
 
 
-def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dict[str, Any]:
-    """Run one variant of one workload in this process; the round times it saw."""
+def child(variant: str, jobs: list[tuple[str, ...]], sweep: bool, out: Path) -> dict[str, Any]:
+    """Run one variant's jobs in this process, one after another (a with `sweep`: as one sweep);
+    the times at which it saw each round and each run end."""
     ticks: list[float] = []  # time at the end of each evaluated round (round 0 excluded)
     run_ends: list[float] = []  # time at the end of each run (not in a sweep: its runs overlap)
 
@@ -129,23 +133,25 @@ def child(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> dic
         if rnd > 0:
             ticks.append(time.monotonic())
 
-    jobs = _configs(overrides, runs, out)
-    if variant == "a":
-        if runs == 1:
-            from snowfed.sim.runner import run
+    configs = _configs(jobs, out)
+    if variant == "a" and sweep:
+        from snowfed.sim.sweep import Job, run_sweep
 
-            run(*jobs[0], quiet=True, on_round=tick)
+        outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in configs],
+                             stream=open(os.devnull, "w"))
+        assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
+    elif variant == "a":
+        from snowfed.sim.runner import run, validate
+
+        for cfg, run_dir in configs:
+            validate(cfg)  # as `snowfed run` does before it starts anything (cli.run_command)
+            run(cfg, run_dir, quiet=True, on_round=tick)
             run_ends.append(time.monotonic())
-        else:
-            from snowfed.sim.sweep import Job, run_sweep
-
-            outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in jobs], stream=open(os.devnull, "w"))
-            assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
     else:
         one_run = plain_loop
         if variant == "b":  # c imports nothing of the stock Flower app
             from snowfed.sim.bench_flower_app import run_stock_flower as one_run
-        for cfg, run_dir in jobs:
+        for cfg, run_dir in configs:
             one_run(cfg, run_dir, tick)
             run_ends.append(time.monotonic())
     return {"ticks": ticks, "run_ends": run_ends}
@@ -249,25 +255,27 @@ class Process:
     ticks: list[float]
     run_ends: list[float]
 
-    def figures(self, first_run_only: bool = False) -> Measured:
-        """The process's figures; or those of its first run alone, as if the process had ended
-        there (the same work in a fresh process, less its exit)."""
-        end = self.run_ends[0] if first_run_only else self.wall_s
-        ticks = [t for t in self.ticks if t <= end]
-        single = first_run_only or self.runs == 1
-        per_round = float("nan")  # a sweep's rounds belong to several runs: only its wall time counts
-        if single and len(ticks) > 1:
+    def figures(self, run: int | None = None) -> Measured:
+        """The whole process's figures; or those of one of its runs alone, from the end of the
+        run before (run 0: from the spawn, as if the process had ended with it) to its own end."""
+        start, end = 0.0, self.wall_s
+        if run is not None:
+            start, end = (self.run_ends[run - 1] if run else 0.0), self.run_ends[run]
+        ticks = [t - start for t in self.ticks if start < t <= end]
+        per_round = float("nan")  # several runs' rounds (a sweep's overlap): only wall time counts
+        if (run is not None or self.runs == 1) and len(ticks) > 1:
             per_round = (ticks[-1] - ticks[0]) / (len(ticks) - 1)
-        peak = max((kb for t, kb in self.samples if t <= end), default=0)
-        return Measured(end, ticks[0] if ticks else end, per_round, peak / 1024)
+        peak = max((kb for t, kb in self.samples if start <= t <= end), default=0)
+        return Measured(end - start, ticks[0] if ticks else end - start, per_round, peak / 1024)
 
 
-def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> Process:
-    """Run one variant in a fresh process; its times and the memory of its process tree."""
+def measure(variant: str, jobs: list[tuple[str, ...]], out: Path, sweep: bool = False) -> Process:
+    """Run one variant's jobs in a fresh process; its times and the memory of its process tree."""
     out.mkdir(parents=True, exist_ok=True)
-    result = out / "result.json"
-    cmd = [sys.executable, "-m", "snowfed.sim.bench", "--child", variant, "--runs", str(runs),
-           "--out", str(out), "--", *overrides]
+    result, listed = out / "result.json", out / "jobs.json"
+    listed.write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "snowfed.sim.bench", "--child", variant, "--jobs", str(listed),
+           "--out", str(out), *(["--sweep"] if sweep else [])]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"),
                             env={**os.environ, "SNOWFED_BENCH_RESULT": str(result),
@@ -281,7 +289,7 @@ def measure(variant: str, overrides: tuple[str, ...], runs: int, out: Path) -> P
         raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}); see "
                            f"{out / 'stderr.log'}:\n" + (out / "stderr.log").read_text()[-2000:])
     report = json.loads(result.read_text())
-    return Process(runs, wall, samples, [t - report["start"] for t in report["ticks"]],
+    return Process(len(jobs), wall, samples, [t - report["start"] for t in report["ticks"]],
                    [t - report["start"] for t in report["run_ends"]])
 
 
@@ -292,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated workloads among {', '.join(WORKLOADS)}")
     parser.add_argument("--out", help="where the runs go (default: a temporary folder, removed)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", help=argparse.SUPPRESS)  # the child's runs: a JSON list of overrides
+    parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
         started = float(os.environ["SNOWFED_BENCH_START"])  # the parent's clock at the spawn
-        report = child(opts.child, tuple(opts.overrides), opts.runs, Path(opts.out))
+        jobs = [tuple(job) for job in json.loads(Path(opts.jobs).read_text())]
+        report = child(opts.child, jobs, opts.sweep, Path(opts.out))
         report["start"] = started
         Path(os.environ["SNOWFED_BENCH_RESULT"]).write_text(json.dumps(report))
         return 0
@@ -312,48 +321,75 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(root, only, opts.quick)
 
 
-def _bench(root: Path, only: list[str], quick: bool) -> int:
-    """Measure the workloads in `only`. --quick spares two process start-ups: its S runs are W2's
-    run with seeds 0 and 1, so W2's b and c figures are those of the first run of S's b and c
-    processes (each a fresh process whose first work is exactly W2's)."""
-    data = synthetic_npz(root / "data.npz", 5_000 if quick else 30_000)
-    plan = workloads(quick, data)
+@dataclass(frozen=True)
+class Spawn:
+    """One process to measure: a variant's jobs, and the rows it gives (workload, variant label,
+    and the run they come from; None: the whole process)."""
+    variant: str
+    jobs: list[tuple[str, ...]]
+    rows: list[tuple[str, str, int | None]]
+    sweep: bool = False
+
+
+def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
+    """The processes that measure the workloads in `only`. The full benchmark gives each variant
+    of each workload a fresh process. --quick spares four process start-ups: W1 has no b (no
+    target needs it); its S runs are W2's run with seeds 0 and 1, so W2's b and c figures are
+    those of the first run of S's b and c processes (each a fresh process whose first work is
+    exactly W2's); MEM's two runs follow W2's run in W2's a process (each measured from the end
+    of the run before it, so the two memory figures compare like with like)."""
+    loads = workloads(quick, data)
+    sites = (10, 1000) if quick else (10, 100, 1000)
+    mem_jobs = [(*mem_overrides(data, n, 1 if quick else 2, visit_all=not quick), "seed=0") for n in sites]
+    mem_rows = [("MEM", f"a {n}") for n in sites]
     shared = quick and {"W2", "S"} <= set(only)
-    assert not shared or plan["S"].overrides == plan["W2"].overrides
+    spawns: list[Spawn] = []
+    if "W1" in only:
+        spawns += [Spawn(v, loads["W1"].jobs(), [("W1", v, None)]) for v in ("ac" if quick else VARIANTS)]
+    if "W2" in only:
+        for variant in ("a",) if shared else VARIANTS:
+            jobs, rows = loads["W2"].jobs(), [("W2", variant, None)]
+            if quick and variant == "a" and "MEM" in only:
+                jobs = jobs + mem_jobs
+                rows = [("W2", variant, 0), *((*row, 1 + i) for i, row in enumerate(mem_rows))]
+            spawns.append(Spawn(variant, jobs, rows))
+    if "S" in only:
+        for variant in VARIANTS:
+            rows = [("S", variant, None)]
+            if shared and variant != "a":
+                rows.append(("W2", f"{variant} (S#0)", 0))
+            spawns.append(Spawn(variant, loads["S"].jobs(), rows, sweep=variant == "a"))
+    if "MEM" in only and not (quick and "W2" in only):
+        if quick:
+            spawns.append(Spawn("a", mem_jobs, [(*row, i) for i, row in enumerate(mem_rows)]))
+        else:
+            spawns += [Spawn("a", [job], [(*row, None)]) for job, row in zip(mem_jobs, mem_rows)]
+    return spawns
+
+
+def _bench(root: Path, only: list[str], quick: bool) -> int:
+    """Measure the workloads in `only` (see `plan`), a row per workload and variant as each
+    process ends, then the ratios."""
+    data = synthetic_npz(root / "data.npz", 5_000 if quick else 30_000)
     got: dict[str, dict[str, Measured]] = {}
-    ratios: list[str] = []
     print(f"{'workload':8} {'variant':8} {'wall s':>8} {'first round s':>14} {'per round s':>12} "
           f"{'peak MB':>8}", flush=True)
-
-    def row(name: str, variant: str, m: Measured) -> None:
-        got.setdefault(name, {})[variant.split()[0]] = m
-        print(f"{name:8} {variant:8} {m.wall_s:8.1f} {m.first_round_s:14.1f} {m.per_round_s:12.3f} "
-              f"{m.peak_mb:8.0f}", flush=True)
-
-    for name in (w for w in only if w in plan):
-        load = plan[name]
-        variants = VARIANTS
-        if quick and name == "W1":
-            variants = ("a", "c")  # no target compares W1 with stock Flower
-        if shared and name == "W2":
-            variants = ("a",)  # b and c: the first run of S's processes, below
-        for variant in variants:
-            process = measure(variant, load.overrides, load.runs, root / name / variant)
-            row(name, variant, process.figures())
-            if shared and name == "S" and variant != "a":
-                row("W2", f"{variant} (S#0)", process.figures(first_run_only=True))
-    for name in (w for w in only if w in plan):
-        ratios.append(f"{name} a/c={got[name]['a'].wall_s / got[name]['c'].wall_s:.2f}")
+    for i, spawn in enumerate(plan(quick, only, data)):
+        process = measure(spawn.variant, spawn.jobs, root / f"{i}-{spawn.rows[0][0]}-{spawn.variant}",
+                          spawn.sweep)
+        for name, variant, run in spawn.rows:
+            m = process.figures(run)
+            got.setdefault(name, {})[variant] = m
+            print(f"{name:8} {variant:8} {m.wall_s:8.1f} {m.first_round_s:14.1f} "
+                  f"{m.per_round_s:12.3f} {m.peak_mb:8.0f}", flush=True)
+    ratios: list[str] = []
+    for name in (w for w in ("W1", "W2", "S") if w in only):
+        figures = {variant.split()[0]: m for variant, m in got[name].items()}
+        ratios.append(f"{name} a/c={figures['a'].wall_s / figures['c'].wall_s:.2f}")
         if name != "W1":
-            ratios.append(f"{name} a/b={got[name]['a'].wall_s / got[name]['b'].wall_s:.2f}")
+            ratios.append(f"{name} a/b={figures['a'].wall_s / figures['b'].wall_s:.2f}")
     if "MEM" in only:
-        peaks = {}
-        for sites in (10, 1000) if quick else (10, 100, 1000):
-            m = measure("a", mem_overrides(data, sites, 1 if quick else 2, visit_all=not quick), 1,
-                        root / "MEM" / str(sites)).figures()
-            peaks[sites] = m.peak_mb
-            row("MEM", f"a {sites}", m)
-        ratios.append(f"mem1000/mem10={peaks[1000] / peaks[10]:.2f}")
+        ratios.append(f"mem1000/mem10={got['MEM']['a 1000'].peak_mb / got['MEM']['a 10'].peak_mb:.2f}")
     print(" ".join(ratios), flush=True)
     return 0
 

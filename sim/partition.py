@@ -26,11 +26,15 @@ two hospitals would leak between one site's training data and another's test dat
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import math
 import numbers
+import sys
+import types
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,6 +155,45 @@ def _min_partition_size(params: Mapping[str, Any], m: int, num_sites: int, unit:
     return int(mps)
 
 
+class _LoadedOnUse(types.ModuleType):
+    """A module that runs its code at the first use of one of its attributes (see
+    `_flower_partitioners`). importlib's LazyLoader would not do: the import system reads the
+    module's `__spec__` when its package's `__init__` binds it, which loads a LazyLoader module
+    at once."""
+
+    def __getattr__(self, name: str):
+        spec = self.__dict__.pop("_spec_to_run", None)
+        if spec is None:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        spec.loader.exec_module(self)
+        return getattr(self, name)
+
+
+def _flower_partitioners() -> types.ModuleType:
+    """`flwr_datasets.partitioner`, without the plotting and metrics its package imports.
+
+    Any flwr_datasets import runs the package's `__init__`, which imports its `visualization`
+    (seaborn, so scipy.stats and matplotlib) and `metrics` (pandas) subpackages: 1.7-2 s of
+    every run's start, on the driver's path before Ray starts (`import
+    flwr_datasets.partitioner`: 3.0-3.5 s here, 1.0-1.1 s without them). So, unless
+    flwr_datasets is imported already, these two are registered as modules that load
+    themselves when first used (`flwr_datasets.visualization.plot_label_distributions` works)."""
+    package = None if "flwr_datasets" in sys.modules else importlib.util.find_spec("flwr_datasets")
+    for sub in ("visualization", "metrics") if package and package.submodule_search_locations else ():
+        name, folder = f"flwr_datasets.{sub}", Path(list(package.submodule_search_locations)[0]) / sub
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        if (folder / "__init__.py").is_file() and spec is not None and spec.loader is not None:
+            module = _LoadedOnUse(name)
+            module.__dict__.update(__spec__=spec, __loader__=spec.loader, __file__=spec.origin,
+                                   __path__=spec.submodule_search_locations, __package__=name,
+                                   _spec_to_run=spec)
+            sys.modules.setdefault(name, module)
+    import flwr_datasets.partitioner
+
+    return flwr_datasets.partitioner
+
+
 def _dataset(columns: Mapping[str, np.ndarray]):
     """The tiny HF dataset the Flower partitioners read: labels and row numbers, no images."""
     from datasets import Dataset
@@ -171,19 +214,15 @@ def _load_all(partitioner, num_sites: int) -> list[np.ndarray]:
 
 
 def _iid(labels: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import IidPartitioner
-
     # IidPartitioner cuts contiguous shards: shuffle the rows first or "iid" is "sorted by index".
     rows = np.random.default_rng(seed).permutation(len(labels))
-    partitioner = IidPartitioner(num_partitions=num_sites)
+    partitioner = _flower_partitioners().IidPartitioner(num_partitions=num_sites)
     partitioner.dataset = _dataset({"label": labels[rows], "idx": rows})
     return _load_all(partitioner, num_sites)
 
 
 def _dirichlet(labels, num_sites, alpha, mps, self_balancing, seed, unit, key) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import DirichletPartitioner
-
-    partitioner = DirichletPartitioner(
+    partitioner = _flower_partitioners().DirichletPartitioner(
         num_partitions=num_sites, partition_by="label", alpha=alpha, min_partition_size=mps,
         self_balancing=self_balancing, shuffle=True, seed=seed,
     )
@@ -220,20 +259,16 @@ def _quantity_sizes(m: int, num_sites: int, alpha: float, mps: int, rng: np.rand
 
 
 def _quantity(labels: np.ndarray, num_sites: int, alpha: float, mps: int, seed: int) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import SizePartitioner
-
     rng = np.random.default_rng(seed)
     sizes = _quantity_sizes(len(labels), num_sites, alpha, mps, rng)
     # SizePartitioner takes contiguous runs of rows: shuffled rows keep labels IID within a site.
     rows = rng.permutation(len(labels))
-    partitioner = SizePartitioner(partition_sizes=sizes)
+    partitioner = _flower_partitioners().SizePartitioner(partition_sizes=sizes)
     partitioner.dataset = _dataset({"label": labels[rows], "idx": rows})
     return _load_all(partitioner, num_sites)
 
 
 def _natural(labels, num_sites, site_of, site_names, key) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import NaturalIdPartitioner
-
     if site_of is None:
         raise ConfigError(
             f"{key}.scheme", "natural",
@@ -255,7 +290,7 @@ def _natural(labels, num_sites, site_of, site_names, key) -> list[np.ndarray]:
     if num_sites != len(names):
         raise ConfigError(f"{key}.num_sites", num_sites, f"{len(names)}, one per site: {', '.join(names)}")
 
-    partitioner = NaturalIdPartitioner(partition_by="site")
+    partitioner = _flower_partitioners().NaturalIdPartitioner(partition_by="site")
     partitioner.dataset = _dataset({"label": labels, "idx": np.arange(len(labels)), "site": site_of})
     with contextlib.redirect_stderr(io.StringIO()):  # Flower's tqdm bar over every row
         _ = partitioner.num_partitions  # builds partition_id_to_natural_id (sorted site names)

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 
 from snowfed.sim.bench import (
+    VARIANTS,
+    WORKLOADS,
     Process,
     _configs,
     _tree_pss_kb,
     mem_overrides,
     plain_loop,
+    plan,
     synthetic_npz,
     workloads,
 )
@@ -53,20 +56,40 @@ def test_every_workload_is_a_valid_config(data, quick):
     loads = workloads(quick, data)
     assert set(loads) == {"W1", "W2", "S"} and loads["S"].runs == (2 if quick else 12)
     for load in loads.values():
-        for cfg, _ in _configs(load.overrides, 1, Path("unused")):
+        for cfg, _ in _configs(load.jobs()[:1], Path("unused")):
             validate(cfg)
     if quick:  # W2's b and c figures are the first run of S's processes: the same work
-        assert loads["S"].overrides == loads["W2"].overrides
-    plan = validate(_configs(mem_overrides(data, 100, 1), 1, Path("unused"))[0][0])
-    assert len(plan.hospitals) == 100  # (the benchmark's own file has enough images for 1000)
+        assert loads["S"].jobs()[0] == loads["W2"].jobs()[0]
+    federation = validate(_configs([mem_overrides(data, 100, 1)], Path("unused"))[0][0])
+    assert len(federation.hospitals) == 100  # (the benchmark's own file has enough images for 1000)
 
 
-def test_a_processs_first_run_is_timed_and_measured_up_to_its_end_only():
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_workload_and_variant_is_measured_once(data, quick):
+    spawns = plan(quick, list(WORKLOADS), data)
+    rows = [(name, variant.split()[0]) for spawn in spawns for name, variant, _ in spawn.rows]
+    expected = {(w, v) for w in ("W2", "S") for v in VARIANTS} | {("MEM", "a")}
+    expected |= {("W1", v) for v in ("ac" if quick else VARIANTS)}
+    assert set(rows) == expected
+    assert rows.count(("MEM", "a")) == (2 if quick else 3)
+    for spawn in spawns:  # a row of one run names a run the process has; whole-process rows
+        assert all(run is None or 0 <= run < len(spawn.jobs) for _, _, run in spawn.rows)
+        assert spawn.sweep == (spawn.variant == "a" and spawn.rows[0][0] == "S")
+    # a row cut from a process's first run is a fresh process whose first work is that run
+    w2 = workloads(quick, data)["W2"].jobs()[0]
+    assert all(spawn.jobs[0] == w2 for spawn in spawns for name, _, run in spawn.rows
+               if name == "W2" and run == 0)
+
+
+def test_each_run_of_a_process_is_timed_and_measured_in_its_own_window():
     process = Process(runs=2, wall_s=20.0, samples=[(1.0, 100), (5.0, 300), (9.0, 200), (15.0, 900)],
                       ticks=[4.0, 6.0, 8.0, 13.0, 14.0], run_ends=[8.5, 14.5])
-    first = process.figures(first_run_only=True)
+    first = process.figures(0)
     assert (first.wall_s, first.first_round_s, first.per_round_s) == (8.5, 4.0, 2.0)
     assert first.peak_mb == 300 / 1024  # not the second run's 900 kB
+    second = process.figures(1)  # from the first run's end
+    assert (second.wall_s, second.first_round_s, second.per_round_s) == (6.0, 4.5, 1.0)
+    assert second.peak_mb == 200 / 1024  # 900 kB came after its end
     whole = process.figures()
     assert (whole.wall_s, whole.first_round_s, whole.peak_mb) == (20.0, 4.0, 900 / 1024)
     assert whole.per_round_s != whole.per_round_s  # NaN: two runs' rounds are not one run's
@@ -75,8 +98,8 @@ def test_a_processs_first_run_is_timed_and_measured_up_to_its_end_only():
 def test_plain_loop_trains_the_sampled_sites_and_reports_every_round(data, tmp_path):
     import torch
 
-    overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=3")
-    (cfg, run_dir), = _configs(overrides, 1, tmp_path)
+    overrides = (*workloads(True, data)["W2"].jobs()[0], *TINY, "rounds=3")
+    (cfg, run_dir), = _configs([overrides], tmp_path)
     rounds = []
     plain_loop(cfg, run_dir, lambda rnd: rounds.append(rnd))
     assert rounds == [0, 1, 2, 3]
@@ -91,8 +114,8 @@ def test_plain_loop_trains_the_sampled_sites_and_reports_every_round(data, tmp_p
 def test_stock_flower_app_runs_the_rounds_on_flowers_engine(data, tmp_path):
     from snowfed.sim.bench_flower_app import run_stock_flower
 
-    overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=2")
-    (cfg, run_dir), = _configs(overrides, 1, tmp_path)
+    overrides = (*workloads(True, data)["W2"].jobs()[0], *TINY, "rounds=2")
+    (cfg, run_dir), = _configs([overrides], tmp_path)
     rounds = []
     run_stock_flower(cfg, run_dir, lambda rnd: rounds.append(rnd))
     assert rounds == [0, 1, 2]  # FedAvg.start's central evaluation: initial model, then each round
@@ -119,10 +142,10 @@ def test_a_variant_process_reports_each_runs_rounds_and_end(data, tmp_path):
     from snowfed.sim.bench import measure
 
     overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=2")
-    process = measure("c", overrides, 2, tmp_path)
-    assert len(process.ticks) == 4 and len(process.run_ends) == 2  # rounds 1-2 of two runs
+    process = measure("c", [(*overrides, "seed=0"), (*overrides, "seed=1", "rounds=1")], tmp_path)
+    assert len(process.ticks) == 3 and len(process.run_ends) == 2  # rounds 1-2, then round 1
     assert process.ticks[1] <= process.run_ends[0] < process.ticks[2] <= process.run_ends[1]
-    first, whole = process.figures(first_run_only=True), process.figures()
+    first, whole = process.figures(0), process.figures()
     assert first.wall_s == process.run_ends[0] < whole.wall_s
     assert 0 < first.peak_mb <= whole.peak_mb
     assert (tmp_path / "run1" / "checkpoint.pt").is_file()

@@ -221,3 +221,27 @@ def test_dirichlet_failure_hints_at_min_partition_size():
     with pytest.raises(ConfigError, match="min_partition_size") as err:
         partition(np.arange(40) % 4, 10, "dirichlet", {"alpha": 0.01, "min_partition_size": 4})
     assert err.value.key == f"{KEY}.alpha"
+
+
+def test_partitioning_leaves_flwr_datasets_plotting_unloaded_until_used():
+    """Flower's partitioners without the seaborn/scipy.stats/pandas imports of flwr_datasets'
+    package __init__ (seconds of every run's start), in a fresh interpreter; the deferred
+    subpackages still load and work when a user touches them."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import numpy as np
+from snowfed.sim.partition import partition
+sites = partition(np.arange(60) % 3, 4, "dirichlet", {"alpha": 5.0}, seed=0)
+assert sorted(np.concatenate(sites).tolist()) == list(range(60))
+assert "seaborn" not in sys.modules and "scipy.stats" not in sys.modules, "plotting loaded"
+import flwr_datasets
+from flwr_datasets.visualization import plot_label_distributions
+assert callable(plot_label_distributions) and "seaborn" in sys.modules
+assert callable(flwr_datasets.metrics.compute_counts)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
