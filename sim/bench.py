@@ -1,9 +1,11 @@
 """`snowfed bench`: snowfed against stock Flower and a plain PyTorch loop, side by side.
 
 Three ways to do the same work, each in a fresh Python process (imports, Ray start and the data
-build are paid by each, as a user would pay them):
+build are paid by each, as a user would pay them; `--quick` lets some processes serve two rows,
+see `plan`):
 
-- a, snowfed: `snowfed run` (one run) or a sweep (`snowfed run -m`: one simulation for all runs);
+- a, snowfed: what `snowfed run` runs (the config validated, then the run), or a sweep
+  (`snowfed run -m`: one simulation for all runs);
 - b, stock Flower (sim.bench_flower_app): written the way Flower's PyTorch quickstart is, on
   Flower's simulation engine: FedAvg's `start`, the model and the node's data made inside every
   client call, one `run_simulation` per run;
