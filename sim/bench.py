@@ -335,7 +335,7 @@ class Spawn:
 
 def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
     """The processes that measure the workloads in `only`. The full benchmark gives each variant
-    of each workload a fresh process. --quick spares four process start-ups: W1 has no b (no
+    of each workload a fresh process. --quick spares five process start-ups: W1 has no b (no
     target needs it); its S runs are W2's run with seeds 0 and 1, so W2's b and c figures are
     those of the first run of S's b and c processes (each a fresh process whose first work is
     exactly W2's); MEM's two runs follow W2's run in W2's a process (each measured from the end

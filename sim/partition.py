@@ -175,7 +175,7 @@ def _flower_partitioners() -> types.ModuleType:
     Any flwr_datasets import runs the package's `__init__`, which imports its `visualization`
     (seaborn, so scipy.stats and matplotlib) and `metrics` (pandas) subpackages: 1.7-2 s of
     every run's start, on the driver's path before Ray starts (`import
-    flwr_datasets.partitioner`: 3.0-3.5 s here, 1.0-1.1 s without them). So, unless
+    flwr_datasets.partitioner`: 3.0-3.5 s here, 1.0-1.4 s without them). So, unless
     flwr_datasets is imported already, these two are registered as modules that load
     themselves when first used (`flwr_datasets.visualization.plot_label_distributions` works)."""
     package = None if "flwr_datasets" in sys.modules else importlib.util.find_spec("flwr_datasets")
