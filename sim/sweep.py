@@ -139,6 +139,9 @@ class SweepProgress:
             what = outcome.status
             if outcome.summary and "f1" in outcome.summary.get("global", {}):
                 what += f" f1 {outcome.summary['global']['f1']:.3f}"
+                diagnostics = outcome.summary.get("diagnostics") or {}
+                what += " degenerate" if diagnostics.get("degenerate") else ""
+                what += " not-converged" if diagnostics.get("stable") is False else ""
             if outcome.error:
                 what += f" ({outcome.error})"
             print(f"sweep {self.done}/{self.total} | {what} | {outcome.job.run_dir} | "

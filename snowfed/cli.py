@@ -262,10 +262,16 @@ class _interrupt_exits:
 
 
 def _print_outcome(summary: dict, run_dir: Path) -> None:
+    """The run's status and final F1, then whether it learned (snowfed.diagnostics) as its last
+    line: a degenerate or unsettled model is not an answer."""
+    from snowfed.diagnostics import verdict
+
     line = (f"{summary['status']}: {summary['rounds']} rounds, global f1 "
             f"{summary['global'].get('f1', float('nan')):.3f}, run directory {run_dir}")
     if summary.get("reason"):
         line += f"\n  reason: {summary['reason']}"
+    if summary.get("diagnostics"):
+        line += f"\n{verdict(summary['diagnostics'])}"
     print(line)
 
 

@@ -131,7 +131,8 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro F1 (as ``f1``, the key every report ranks by), macro
-    precision and recall, and macro one-vs-rest ROC AUC over the classes that have both positives
+    precision and recall, the predicted and the true majority class's shares, and macro
+    one-vs-rest ROC AUC over the classes that have both positives
     and negatives in `labels` (nan when none has). `probs` is (N, C) class probabilities.
 
     The same numbers as scikit-learn's metrics (tests/test_classification.py compares them), from
@@ -161,4 +162,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         "precision": float(precision.mean()),
         "recall": float(recall.mean()),
         "auc": float(np.mean(aucs)) if aucs else float("nan"),
+        # the shares of the most frequent predicted and true class: a model that predicts one
+        # class for (almost) every image is degenerate (snowfed.diagnostics)
+        "predicted_majority": float(predicted.max() / len(labels)) if len(labels) else 0.0,
+        "label_majority": float(support.max() / len(labels)) if len(labels) else 0.0,
     }

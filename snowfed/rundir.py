@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from snowfed.diagnostics import diagnose
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -142,7 +144,7 @@ def build_summary(
     reason: str | None = None,
 ) -> dict[str, Any]:
     """summary.json from the metrics log: global history (round 0 = the initial model), final
-    global metrics, per-node facts.
+    global metrics, whether the run learned (`diagnostics`, snowfed.diagnostics), per-node facts.
 
     `nodes` maps node name -> static facts (noise_profile, strategy, num_train, label_noise...);
     each node's last reports are added: "final" (the global model on the node's clean held-out
@@ -177,6 +179,7 @@ def build_summary(
         "status": status,
         "global": {k: v for k, v in history[-1].items() if k != "round"} if history else {},
         "history": history,
+        "diagnostics": diagnose(history),
         "nodes": node_summary,
     }
     if reason:

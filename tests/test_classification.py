@@ -119,7 +119,9 @@ def test_classification_metrics_match_scikit_learn(seed):
                     "f1": f1_score(labels, pred, **macro),
                     "precision": precision_score(labels, pred, **macro),
                     "recall": recall_score(labels, pred, **macro),
-                    "auc": np.mean([roc_auc_score(labels == k, probs[:, k]) for k in present])}
+                    "auc": np.mean([roc_auc_score(labels == k, probs[:, k]) for k in present]),
+                    "predicted_majority": np.bincount(pred).max() / n,
+                    "label_majority": np.bincount(labels).max() / n}
     got = classification_metrics(labels, probs)
     assert got == pytest.approx(expected, abs=1e-12)
 
