@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from snowfed.diagnostics import STABLE_RANGE, diagnose
 from snowfed.rundir import CONFIG, SUMMARY, atomic_write_text
 
 MISSING = "-"
@@ -90,6 +91,40 @@ def _value(config: Any, dotted: str) -> Any:
     return value
 
 
+def _known_keys(config: Any, dotted: str) -> tuple[str, list[str]]:
+    """The deepest prefix of `dotted` that exists in `config`, and the keys found there."""
+    value, found = config, []
+    for part in dotted.split("."):
+        if isinstance(value, dict) and part in value:
+            value, found = value[part], [*found, part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value, found = value[int(part)], [*found, part]
+        else:
+            break
+    keys = list(value) if isinstance(value, dict) else [str(i) for i in range(len(value))] \
+        if isinstance(value, list) else []
+    return ".".join(found), keys
+
+
+def check_report_keys(runs: list[Run], keys: dict[str, str], metric: str) -> None:
+    """Refuse, in one line, what the runs lack: no run at all, a config key (by its flag) that no
+    run's config.yaml has, or a global metric that no completed run records."""
+    if not runs:
+        raise ValueError("no run directory (config.yaml and summary.json) under the given paths")
+    for flag, key in keys.items():
+        if all(_value(run.config, key) is _ABSENT for run in runs):
+            prefix, known = _known_keys(runs[0].config, key)
+            where = f"keys under {prefix}" if prefix else "top-level keys"
+            raise ValueError(f"{flag} {key}: no run's config.yaml has this key; the {where} are "
+                             f"{', '.join(map(str, known))}")
+    completed = [run for run in runs if run.status == "completed"]
+    if not any(metric in run.summary.get("global", {}) for run in completed):
+        recorded = sorted({k for run in completed for k in run.summary.get("global", {})})
+        raise ValueError(f"--metric {metric}: no completed run ({len(completed)} of {len(runs)} "
+                         f"found) records this global metric"
+                         + (f"; they record {', '.join(recorded)}" if recorded else ""))
+
+
 def lookup(config: dict[str, Any], dotted: str) -> str:
     """The value at a dotted config path as a label; a null group (noise: null) reads 'per-site'."""
     value = _value(config, dotted)
@@ -110,9 +145,18 @@ def numeric(config: dict[str, Any], dotted: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def run_diagnostics(run: Run) -> dict[str, Any]:
+    """The run's summary.json `diagnostics`, or, for a summary written before they existed,
+    the same judged from its `history` (snowfed.diagnostics)."""
+    found = run.summary.get("diagnostics")
+    return found if isinstance(found, dict) else diagnose(run.summary.get("history") or [])
+
+
 @dataclass(frozen=True)
 class Cell:
     values: tuple[float, ...]
+    degenerate: int = 0  # runs whose final model predicts (almost) one class
+    unsettled: int = 0  # runs whose metric still moved over their last rounds
 
     @property
     def mean(self) -> float:
@@ -126,7 +170,9 @@ class Cell:
         if not self.values:
             return MISSING
         spread = "" if math.isnan(self.spread) else f" ± {self.spread:.3f}"
-        return f"{self.mean:.3f}{spread} ({len(self.values)})"
+        marks = (f" D{self.degenerate}" if self.degenerate else "") + (
+            f" U{self.unsettled}" if self.unsettled else "")
+        return f"{self.mean:.3f}{spread} ({len(self.values)}){marks}"
 
 
 @dataclass(frozen=True)
@@ -144,17 +190,35 @@ class Table:
         lines = [head, "|" + "---|" * (len(self.cols) + 1)]
         for r in self.rows:
             lines.append(f"| {r} | " + " | ".join(self.cells[r, c].text() for c in self.cols) + " |")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.convergence() + "\n"
+
+    def convergence(self) -> str:
+        """How many runs, in how many cells, did not give an answer (snowfed.diagnostics)."""
+        cells = [c for c in self.cells.values() if c.values]
+        runs = sum(len(c.values) for c in cells)
+        degenerate, unsettled = (sum(getattr(c, k) for c in cells) for k in ("degenerate", "unsettled"))
+        if not degenerate and not unsettled:
+            return (f"\nEvery one of the {runs} runs learned and settled: no final model predicts "
+                    f"(almost) one class, and every global F1 moved by at most {STABLE_RANGE} "
+                    "over its last rounds.\n")
+        return (f"\nD n: n runs of the cell are degenerate (the final model predicts (almost) one "
+                f"class): {degenerate} of {runs} runs, in "
+                f"{sum(1 for c in cells if c.degenerate)} cells. U n: n runs did not settle (their "
+                f"global F1 moved by more than {STABLE_RANGE} over their last rounds): "
+                f"{unsettled} of {runs} runs, in {sum(1 for c in cells if c.unsettled)} cells. "
+                "Their cells report optimisation as much as label quality.\n")
 
     def csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow([self.row_key, self.col_key, f"{self.metric}_mean", f"{self.metric}_std", "runs"])
+        writer.writerow([self.row_key, self.col_key, f"{self.metric}_mean", f"{self.metric}_std", "runs",
+                         "degenerate", "unsettled"])
         for r in self.rows:
             for c in self.cols:
                 cell = self.cells[r, c]
                 if cell.values:
-                    writer.writerow([r, c, f"{cell.mean:.6f}", f"{cell.spread:.6f}", len(cell.values)])
+                    writer.writerow([r, c, f"{cell.mean:.6f}", f"{cell.spread:.6f}", len(cell.values),
+                                     cell.degenerate, cell.unsettled])
         return out.getvalue()
 
 
@@ -168,6 +232,7 @@ def build_table(
 ) -> Table:
     """Group completed runs into cells; orders default to first appearance."""
     grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
+    flags: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     rows, cols, skipped = list(row_order or []), list(col_order or []), 0
     for run in runs:
         value = run.summary.get("global", {}).get(metric)
@@ -178,21 +243,27 @@ def build_table(
         rows += [r] if r not in rows else []
         cols += [c] if c not in cols else []
         grouped[r, c].append(float(value))
-    cells = {(r, c): Cell(tuple(grouped.get((r, c), ()))) for r in rows for c in cols}
+        diagnostics = run_diagnostics(run)
+        flags[r, c][0] += diagnostics.get("degenerate") is True
+        flags[r, c][1] += diagnostics.get("stable") is False
+    cells = {(r, c): Cell(tuple(grouped.get((r, c), ())), *flags.get((r, c), (0, 0)))
+             for r in rows for c in cols}
     return Table(rows, cols, cells, row_key, col_key, metric, skipped)
 
 
 def write_report(
-    table: Table, out_dir: Path, score: Score | None = None, plots: list[str] | None = None
+    table: Table, out_dir: Path, score: Score | None = None, plots: list[str] | None = None,
+    ranking: Ranking | None = None,
 ) -> tuple[Path, Path]:
-    """report.md (the table, the score, then `plots`: markdown lines from `write_plots`) and
-    report.csv."""
+    """report.md (the table, the Friedman/Nemenyi ranking, the Wilcoxon score, then `plots`:
+    markdown lines from `write_ranking` and `write_plots`) and report.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path = out_dir / "report.md", out_dir / "report.csv"
     atomic_write_text(
         md,
         f"Final global {table.metric} (clean test set drawn from every site): mean ± sample "
         f"standard deviation (number of runs).\n\n" + table.markdown()
+        + ("\n" + ranking.markdown() if ranking is not None else "")
         + ("\n" + score.markdown() if score is not None else "")
         + ("\n" + "\n".join(plots) + "\n" if plots else ""),
     )
@@ -256,17 +327,25 @@ class Score:
         return "\n".join(lines) + "\n"
 
 
-def pairwise_score(
-    runs: list[Run], row_key: str, col_key: str, metric: str = "f1", alpha: float = 0.05
-) -> Score:
-    from scipy.stats import wilcoxon
-
+def paired_values(runs: list[Run], row_key: str, col_key: str, metric: str = "f1"
+                  ) -> dict[str, dict[tuple[str, str], float]]:
+    """{row: {(column, seed): final metric}} of the completed runs: the runs of two rows pair up
+    when they share the column value and the seed."""
     values: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
     for run in runs:
         value = run.summary.get("global", {}).get(metric)
         if run.status == "completed" and value is not None:
             key = (lookup(run.config, col_key), lookup(run.config, "seed"))
             values[lookup(run.config, row_key)][key] = float(value)
+    return values
+
+
+def pairwise_score(
+    runs: list[Run], row_key: str, col_key: str, metric: str = "f1", alpha: float = 0.05
+) -> Score:
+    from scipy.stats import wilcoxon
+
+    values = paired_values(runs, row_key, col_key, metric)
     rows = list(values)
     wins, losses, pairs = dict.fromkeys(rows, 0), dict.fromkeys(rows, 0), {}
     for i, a in enumerate(rows):
@@ -281,6 +360,127 @@ def pairwise_score(
                 wins[winner] += 1
                 losses[loser] += 1
     return Score(rows, wins, losses, pairs, alpha)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """SNOW's ranking: the Friedman test over the rows (e.g. strategies) with the Nemenyi
+    post-hoc (scikit-posthocs), over blocks of paired runs (a column value and a seed) in which
+    every row has a run. Ranks are within a block, 1 = the best metric, ties sharing their mean.
+    `columns` holds the same within each column alone (its blocks are the seeds)."""
+
+    rows: list[str]
+    mean_ranks: dict[str, float]
+    blocks: int
+    friedman_p: float | None  # None: fewer than 3 rows or 2 blocks, or every block tied
+    nemenyi_p: dict[tuple[str, str], float]  # post-hoc p of each pair of rows
+    critical_difference: float | None  # Nemenyi's CD on the mean ranks at alpha
+    alpha: float
+    columns: dict[str, tuple[dict[str, float], int, float | None]]  # col -> (ranks, blocks, p)
+
+    def significant(self) -> list[tuple[str, str, float]]:
+        """(better, worse, p) for each pair the post-hoc tells apart, when Friedman does."""
+        if self.friedman_p is None or self.friedman_p >= self.alpha:
+            return []
+        found = []
+        for (a, b), p in self.nemenyi_p.items():
+            if p < self.alpha:
+                better, worse = (a, b) if self.mean_ranks[a] < self.mean_ranks[b] else (b, a)
+                found.append((better, worse, p))
+        return sorted(found, key=lambda t: (self.mean_ranks[t[0]], self.mean_ranks[t[1]]))
+
+    def markdown(self) -> str:
+        def p_text(p: float | None) -> str:
+            return "n/a" if p is None else f"{p:.2g}"
+
+        order = sorted(self.rows, key=lambda r: self.mean_ranks[r])
+        cols = list(self.columns)
+        lines = [f"Friedman test with the Nemenyi post-hoc (blocks: a column value and a seed in "
+                 f"which every row has a run; rank 1 = best): {self.blocks} blocks, Friedman "
+                 f"p = {p_text(self.friedman_p)}"
+                 + (f", Nemenyi critical difference {self.critical_difference:.2f} at alpha "
+                    f"{self.alpha}" if self.critical_difference is not None else "") + ".", "",
+                 "| row | mean rank | " + " | ".join(f"{c} ({self.columns[c][1]})" for c in cols) + " |",
+                 "|---|---|" + "---|" * len(cols)]
+        for r in order:
+            per_col = [self.columns[c][0].get(r) for c in cols]
+            lines.append(f"| {r} | {self.mean_ranks[r]:.2f} | "
+                         + " | ".join(MISSING if v is None else f"{v:.2f}" for v in per_col) + " |")
+        lines.append("| Friedman p | " + p_text(self.friedman_p) + " | "
+                     + " | ".join(p_text(self.columns[c][2]) for c in cols) + " |")
+        pairs = self.significant()
+        lines += ["", "Pairs the Nemenyi post-hoc tells apart (p < " + f"{self.alpha}): "
+                  + ("; ".join(f"{a} over {b} (p {p:.2g})" for a, b, p in pairs) if pairs else "none")
+                  + "."]
+        return "\n".join(lines) + "\n"
+
+
+def _friedman(matrix, alpha: float) -> tuple[float | None, Any]:
+    """Friedman's p and Nemenyi's p-value matrix of a (blocks x rows) matrix; (None, None) when
+    the test does not apply (fewer than 3 rows or 2 blocks, or every block tied)."""
+    import numpy as np
+    import scikit_posthocs
+    from scipy.stats import friedmanchisquare
+
+    if matrix.shape[1] < 3 or matrix.shape[0] < 2 or np.all(matrix == matrix[:, :1]):
+        return None, None
+    p = float(friedmanchisquare(*matrix.T).pvalue)
+    return p, scikit_posthocs.posthoc_nemenyi_friedman(matrix).to_numpy()
+
+
+def friedman_ranking(runs: list[Run], row_key: str, col_key: str, metric: str = "f1",
+                     alpha: float = 0.05, row_order: list[str] | None = None,
+                     col_order: list[str] | None = None) -> Ranking:
+    import numpy as np
+    from scipy.stats import rankdata, studentized_range
+
+    values = paired_values(runs, row_key, col_key, metric)
+    rows = [r for r in (row_order or []) if r in values] + [r for r in values if r not in (row_order or [])]
+    complete = sorted(set.intersection(*(set(values[r]) for r in rows))) if rows else []
+
+    def ranked(blocks):
+        matrix = np.array([[values[r][b] for r in rows] for b in blocks], dtype=float)
+        ranks = rankdata(-matrix, axis=1).mean(axis=0) if len(blocks) else [math.nan] * len(rows)
+        return matrix, dict(zip(rows, map(float, ranks)))
+
+    matrix, mean_ranks = ranked(complete)
+    friedman_p, nemenyi = _friedman(matrix, alpha) if len(complete) else (None, None)
+    k, n = len(rows), len(complete)
+    cd = (float(studentized_range.ppf(1 - alpha, k, np.inf) / math.sqrt(2) * math.sqrt(k * (k + 1) / (6 * n)))
+          if k >= 2 and n else None)
+    pairs = ({(rows[i], rows[j]): float(nemenyi[i, j]) for i in range(k) for j in range(i + 1, k)}
+             if nemenyi is not None else {})
+    columns = {}
+    present = list(dict.fromkeys(b[0] for b in complete))
+    for col in [c for c in (col_order or []) if c in present] + [c for c in present if c not in (col_order or [])]:
+        blocks = [b for b in complete if b[0] == col]
+        col_matrix, col_ranks = ranked(blocks)
+        columns[col] = (col_ranks, len(blocks), _friedman(col_matrix, alpha)[0])
+    return Ranking(rows, mean_ranks, n, friedman_p, pairs, cd, alpha, columns)
+
+
+CD_PLOT = "critical_difference.png"
+
+
+def write_ranking(ranking: Ranking, out_dir: Path, metric: str) -> list[str]:
+    """Draw the critical-difference diagram of `ranking` into `out_dir` when the Friedman test
+    applies; report.md's lines about it (the image, or why it was not drawn)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["## Critical-difference diagram", ""]
+    if ranking.friedman_p is None:
+        return lines + [f"{CD_PLOT} not drawn: the Friedman test needs 3 rows or more and 2 "
+                        f"blocks in which every row has a run ({len(ranking.rows)} rows, "
+                        f"{ranking.blocks} blocks).", ""]
+    from snowfed.plots import plot_critical_difference
+
+    plot_critical_difference(ranking.mean_ranks, ranking.nemenyi_p, out_dir / CD_PLOT,
+                             ranking.critical_difference, ranking.alpha,
+                             f"mean rank of final {metric} over {ranking.blocks} blocks (1 = best)\n"
+                             f"bars: not told apart by Nemenyi at {ranking.alpha}; Friedman "
+                             f"p = {ranking.friedman_p:.2g}")
+    return lines + [f"Mean ranks over {ranking.blocks} blocks; rows joined by a bar are not told "
+                    f"apart by the Nemenyi post-hoc at alpha {ranking.alpha}:", "",
+                    f"![critical difference]({CD_PLOT})", ""]
 
 
 # --- plots: the data behind metric_per_round.png, metric_vs_noise.png, quality_quantity.png ---

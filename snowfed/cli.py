@@ -75,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
 def report_command(args: list[str]) -> int:
     import argparse
 
-    from snowfed.sim.report import build_table, find_runs, pairwise_score, write_plots, write_report
+    from snowfed.sim.report import (
+        build_table,
+        check_report_keys,
+        find_runs,
+        friedman_ranking,
+        pairwise_score,
+        write_plots,
+        write_ranking,
+        write_report,
+    )
 
     parser = argparse.ArgumentParser(prog="snowfed report")
     parser.add_argument("dirs", nargs="+", help="run or sweep directories")
@@ -104,15 +113,20 @@ def report_command(args: list[str]) -> int:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     row_order, col_order = ([t for t in order.split(",") if t] for order in (opts.row_order, opts.col_order))
+    keys = {"--rows": opts.rows, "--cols": opts.cols, "--noise-key": opts.noise_key,
+            "--privacy-plot": opts.privacy_plot}
+    try:
+        check_report_keys(runs, {flag: key for flag, key in keys.items() if key}, opts.metric)
+    except ValueError as err:
+        print(f"snowfed: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     table = build_table(runs, opts.rows, opts.cols, opts.metric, row_order, col_order)
-    if not any(cell.values for cell in table.cells.values()):
-        print(f"snowfed: no completed run with a global {opts.metric!r} under {' '.join(opts.dirs)} "
-              f"({len(runs)} runs found)", file=sys.stderr)
-        return 1
     out = Path(opts.out or opts.dirs[0])
     score = pairwise_score(runs, opts.rows, opts.cols, opts.metric)
-    plots = write_plots(runs, table, out, opts.noise_key)
-    md, csv_path = write_report(table, out, score, plots)
+    ranking = friedman_ranking(runs, opts.rows, opts.cols, opts.metric, row_order=row_order,
+                               col_order=col_order)
+    plots = write_ranking(ranking, out, opts.metric) + write_plots(runs, table, out, opts.noise_key)
+    md, csv_path = write_report(table, out, score, plots, ranking)
     if opts.privacy_plot:
         from snowfed.plots import plot_metric_against_epsilon
         from snowfed.sim.report import Cell, privacy_utility
@@ -125,8 +139,11 @@ def report_command(args: list[str]) -> int:
                   f"[{', '.join(f'{v:.3f}' for v in values.values)}]")
         print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
+    print(ranking.markdown(), end="")
     print(score.markdown(), end="")
-    for line in plots[2:]:  # report.md's plot section: a caption and image, or why not drawn
+    for line in plots:  # report.md's plot sections: a caption and image, or why not drawn
+        if line.startswith("#"):
+            continue
         if line.startswith("!["):
             print(f"  wrote {out / line[line.index('](') + 2 : -1]}")
         elif line:

@@ -267,3 +267,24 @@ def plot_quality_quantity(
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
                  label=f"final global {metric}")
     _save(fig, path)
+
+
+def plot_critical_difference(mean_ranks: dict[str, float], pvalues: dict[tuple[str, str], float],
+                             path: str | Path, critical_difference: float | None, alpha: float,
+                             title: str) -> None:
+    """Demšar's critical-difference diagram (scikit-posthocs): the rows' mean ranks on an axis,
+    rows the post-hoc cannot tell apart joined by a bar."""
+    import pandas as pd
+    import scikit_posthocs
+
+    names = list(mean_ranks)
+    matrix = pd.DataFrame(1.0, index=names, columns=names)
+    for (a, b), p in pvalues.items():
+        matrix.loc[a, b] = matrix.loc[b, a] = p
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(names)), dpi=110)
+    scikit_posthocs.critical_difference_diagram(pd.Series(mean_ranks), matrix, ax=ax, alpha=alpha)
+    if critical_difference is not None:
+        title += f", critical difference {critical_difference:.2f}"
+    ax.set_title(title, fontsize=9, pad=22)
+    fig.tight_layout()
+    _save(fig, path)

@@ -4,6 +4,7 @@ summary.json), and the resumable sweep (slow: real runs through Ray)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from snowfed.cli import main
-from snowfed.sim.report import build_table, find_runs
+from snowfed.sim.report import PLOTS, build_table, find_runs, friedman_ranking
 
 
 def _run(path, strategy, noise, seed, f1, status="completed"):
@@ -55,8 +56,10 @@ def test_report_command_writes_markdown_and_csv(sweep, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| baseline | 0.800 ± 0.100 (3) | 0.300 ± 0.100 (3) | - |" in printed
-    table_md, score_md = (out / "report.md").read_text().split("Pairwise Wilcoxon")
+    table_md, rest = (out / "report.md").read_text().split("Friedman test with", 1)
+    ranking_md, score_md = rest.split("Pairwise Wilcoxon")
     assert table_md.count("| only_positive |") == 1 and "| only_positive |" in score_md
+    assert "| only_positive | 1.00 |" in ranking_md  # the better of the one complete block
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert {(r["strategy.name"], r["noise.name"]) for r in rows} == {
         ("baseline", "clean"), ("baseline", "noisy"), ("only_positive", "noisy"),
@@ -295,7 +298,7 @@ def test_report_command_writes_the_three_plots(seg_sweep, tmp_path, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
         assert (out / name).stat().st_size > 20_000, name
         assert f"]({name})" in report and f"wrote {out / name}" in printed
-    assert "not drawn" not in report
+    assert all(f"{name} not drawn" not in report for name in PLOTS)
     assert "All runs have 24 annotated training samples" in report  # the map's one quantity
 
 
@@ -320,3 +323,97 @@ def test_plots_the_data_cannot_make_are_reported_not_crashed(sweep, tmp_path, ca
     assert "metric_vs_noise.png not drawn: the runs have a single noise level (0.50) (config key " \
         "noise.p_remove)." in (one / "report.md").read_text()
     assert (one / "metric_per_round.png").exists() and not (one / "metric_vs_noise.png").exists()
+
+
+def _ranked_run(path, strategy, noise, seed, f1, history=None):
+    _run(path, strategy, noise, seed, f1)
+    if history is not None:
+        summary = json.loads((path / "summary.json").read_text())
+        summary["history"] = history
+        (path / "summary.json").write_text(json.dumps(summary))
+
+
+def _seg_round(rnd, f1, predicted_fg):
+    total, positives = 1000, 200
+    predicted = int(predicted_fg * total)
+    tp = min(positives, predicted)
+    return {"round": rnd, "f1": f1, "tp": tp, "fp": predicted - tp, "fn": positives - tp,
+            "tn": total - positives - predicted + tp}
+
+
+@pytest.fixture
+def ranked_sweep(tmp_path):
+    """Three strategies over two noise presets x 4 seeds: best > middle > worst in every block
+    but one, where middle and worst swap."""
+    root = tmp_path / "ranked"
+    for noise in ("noisy", "noisy_hd"):
+        for seed in range(4):
+            swap = noise == "noisy_hd" and seed == 3
+            for name, f1 in (("best", 0.9), ("middle", 0.5 if not swap else 0.3),
+                             ("worst", 0.3 if not swap else 0.5)):
+                _ranked_run(root / f"{name}-{noise}-{seed}", name, noise, seed, f1 + seed / 100)
+    return root
+
+
+def test_friedman_nemenyi_ranks_rows_over_blocks_of_column_and_seed(ranked_sweep):
+    ranking = friedman_ranking(find_runs([ranked_sweep]), "strategy.name", "noise.name",
+                               col_order=["noisy_hd", "noisy"])
+    assert ranking.blocks == 8
+    assert ranking.mean_ranks == {"best": 1.0, "middle": pytest.approx(2 + 1 / 8),
+                                  "worst": pytest.approx(3 - 1 / 8)}
+    assert ranking.friedman_p < 0.01
+    assert [(a, b) for a, b, _ in ranking.significant()] == [("best", "worst")]
+    assert list(ranking.columns) == ["noisy_hd", "noisy"]
+    ranks, blocks, p = ranking.columns["noisy"]
+    assert (ranks, blocks) == ({"best": 1.0, "middle": 2.0, "worst": 3.0}, 4)
+    # Demsar's CD for k = 3 rows over N = 8 blocks at alpha 0.05: 2.343 * sqrt(3 * 4 / 48)
+    assert ranking.critical_difference == pytest.approx(2.3437 * (12 / 48) ** 0.5, rel=1e-3)
+
+
+def test_report_writes_the_ranking_and_the_critical_difference_diagram(ranked_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(ranked_sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| best | 1.00 | 1.00 | 1.00 |" in report
+    assert "Pairs the Nemenyi post-hoc tells apart (p < 0.05): best over worst" in report
+    assert (out / "critical_difference.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](critical_difference.png)" in report
+    assert f"wrote {out / 'critical_difference.png'}" in capsys.readouterr().out
+
+
+def test_cells_count_degenerate_and_unsettled_runs(tmp_path):
+    root = tmp_path / "marks"
+    collapsed = [_seg_round(0, 0.3, 0.5), _seg_round(1, 0.0, 0.0), _seg_round(2, 0.0, 0.0)]
+    swinging = [_seg_round(0, 0.3, 0.5), _seg_round(1, 0.9, 0.2), _seg_round(2, 0.5, 0.1)]
+    settled = [_seg_round(0, 0.3, 0.5), _seg_round(1, 0.88, 0.2), _seg_round(2, 0.9, 0.2)]
+    _ranked_run(root / "a", "baseline", "noisy", 0, 0.0, collapsed)
+    _ranked_run(root / "b", "baseline", "noisy", 1, 0.5, swinging)
+    _ranked_run(root / "c", "baseline", "noisy", 2, 0.9, settled)
+    _ranked_run(root / "d", "baseline", "clean", 0, 0.9, settled)
+    table = build_table(find_runs([root]))
+    noisy = table.cells["baseline", "noisy"]
+    assert (noisy.degenerate, noisy.unsettled) == (1, 1)
+    assert noisy.text().endswith("(3) D1 U1")
+    assert table.cells["baseline", "clean"].text() == "0.900 (1)"
+    md = table.markdown()
+    assert "1 of 4 runs, in 1 cells" in md and "D n:" in md and "U n:" in md
+    rows = list(csv.DictReader(io.StringIO(table.csv())))
+    assert [(r["noise.name"], r["degenerate"], r["unsettled"]) for r in rows] == [
+        ("noisy", "1", "1"), ("clean", "0", "0")]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--rows", "strategy.nam"], "--rows strategy.nam: no run's config.yaml has this key; the "
+                                 "keys under strategy are name"),
+    (["--cols", "noize.name"], "--cols noize.name: no run's config.yaml has this key; the "
+                               "top-level keys are noise, seed, strategy"),
+    (["--metric", "f2"], "--metric f2: no completed run (8 of 9 found) records this global "
+                         "metric; they record f1"),
+    (["--noise-key", "strategy.p_remove"], "--noise-key strategy.p_remove: no run's config.yaml "
+                                           "has this key"),
+])
+def test_a_report_key_or_metric_the_runs_lack_is_refused_in_one_line(sweep, tmp_path, capsys, args, named):
+    assert main(["report", str(sweep), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
