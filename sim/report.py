@@ -452,7 +452,8 @@ def friedman_ranking(runs: list[Run], row_key: str, col_key: str, metric: str = 
              if nemenyi is not None else {})
     columns = {}
     present = list(dict.fromkeys(b[0] for b in complete))
-    for col in [c for c in (col_order or []) if c in present] + [c for c in present if c not in (col_order or [])]:
+    ordered = [c for c in (col_order or []) if c in present]
+    for col in ordered + [c for c in present if c not in ordered]:
         blocks = [b for b in complete if b[0] == col]
         col_matrix, col_ranks = ranked(blocks)
         columns[col] = (col_ranks, len(blocks), _friedman(col_matrix, alpha)[0])
