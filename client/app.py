@@ -179,10 +179,16 @@ def _load_global(node: _Node, msg: Message) -> None:
     node.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
 
 
-def _simulated_failure(node: _Node, server_round: int) -> None:
-    """The hospital's `failure` setting: crash or stall in the listed rounds (a dropout test)."""
+def _fails(node: _Node, server_round: int, mode: str) -> bool:
     failure = node.failure
-    if not failure or server_round not in failure["rounds"]:
+    return bool(failure) and server_round in failure["rounds"] and failure["mode"] == mode
+
+
+def _simulated_failure(node: _Node, server_round: int) -> None:
+    """The hospital's `failure` setting: crash or stall in the listed rounds (a dropout test;
+    mode nan, a diverged site, corrupts the reply instead: `train`)."""
+    failure = node.failure
+    if not failure or server_round not in failure["rounds"] or failure["mode"] == "nan":
         return
     if failure["mode"] == "raise":
         raise RuntimeError(f"simulated failure of partition {node.partition_id} in round "
@@ -246,7 +252,11 @@ def train(msg: Message, context: Context) -> Message:
             **privacy,
         }
     )
-    arrays = ArrayRecord({k: v.cpu() for k, v in node.model.state_dict().items()})
+    state = {k: v.cpu() for k, v in node.model.state_dict().items()}
+    if _fails(node, int(config["server-round"]), "nan"):  # what a diverged site sends
+        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                 for k, v in state.items()}
+    arrays = ArrayRecord(state)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -234,6 +234,36 @@ def _pull_interval(grid: Grid) -> float:
     return 0.01 if hasattr(inner, "pull_interval") else 1.0
 
 
+def non_finite_values(arrays: ArrayRecord) -> tuple[int, int, list[str]]:
+    """(NaN or infinite values, all values, names of the arrays holding them) of an ArrayRecord."""
+    bad, total, names = 0, 0, []
+    for name, array in arrays.items():
+        values = array.numpy()
+        if values.dtype.kind in "fc":
+            count = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if count:
+                bad, names = bad + count, [*names, name]
+        total += values.size
+    return bad, total, names
+
+
+def refuse_non_finite(replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
+    """The train replies whose arrays are all finite, and why each other reply was refused (by
+    source node): an update holding NaN or inf would make every aggregate NaN (FedAvg's mean, and
+    the median and trimmed means through their sorts), so it is left out of the round."""
+    kept, refused = [], {}
+    for msg in replies:
+        arrays = None if msg.has_error() else next(iter(msg.content.array_records.values()), None)
+        bad, total, names = non_finite_values(arrays) if arrays is not None else (0, 0, [])
+        if bad:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            refused[msg.metadata.src_node_id] = (f"non-finite update refused: {bad} of {total} "
+                                                 f"values are NaN or infinite (in {shown})")
+        else:
+            kept.append(msg)
+    return kept, refused
+
+
 def _exchange(
     grid: Grid, messages: list[Message], timeout: float
 ) -> tuple[list[Message], list[int]]:
@@ -327,18 +357,27 @@ def run_federation(
     training = send_train(first, arrays) if first <= last else None
     for rnd in range(first, last + 1):
         replies, missing = training.replies()
-        valid = [m for m in replies if not m.has_error()]
+        replies_kept, refused = refuse_non_finite(replies)
+        valid = [m for m in replies_kept if not m.has_error()]
         with rng.active():
-            aggregated, _ = strategy.aggregate_train(rnd, replies) if valid else (None, None)
-        recorder.record_replies(rnd, "train", replies, missing, timeout)
+            aggregated, _ = strategy.aggregate_train(rnd, replies_kept) if valid else (None, None)
+        recorder.record_replies(rnd, "train", replies, missing, timeout, refused)
         if len(valid) < min_replies:
-            left_out = [recorder.name_of(m.metadata.src_node_id) for m in replies if m.has_error()]
+            left_out = [recorder.name_of(m.metadata.src_node_id) for m in replies
+                        if m.has_error() or m.metadata.src_node_id in refused]
             left_out += [recorder.name_of(n) for n in missing]
             raise FederationStopped(
-                f"round {rnd}: {len(valid)} of {len(training.messages)} sites replied, fewer than "
-                f"aggregation.min_train_nodes={min_replies} (left out: {', '.join(left_out)}; "
-                "see metrics.jsonl)")
+                f"round {rnd}: {len(valid)} of {len(training.messages)} sites replied with a usable "
+                f"update, fewer than aggregation.min_train_nodes={min_replies} (left out: "
+                f"{', '.join(left_out)}; see metrics.jsonl)")
         if aggregated is not None:
+            bad, total, names = non_finite_values(aggregated)
+            if bad:
+                raise FederationStopped(
+                    f"round {rnd}: the aggregated global model holds {bad} NaN or infinite values "
+                    f"of {total} (in {', '.join(names[:3])}), from finite site updates: the "
+                    f"aggregation ({agg_cfg['name']}) diverged; the last finite model is round "
+                    f"{max(completed)}'s checkpoint")
             arrays = aggregated
         with rng.active():
             evaluating = _Sent(grid, list(strategy.configure_evaluate(

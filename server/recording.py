@@ -7,7 +7,7 @@ timeouts) are never aggregated away.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Message
@@ -42,10 +42,14 @@ class RoundRecorder:
         replies: Iterable[Message],
         missing: Iterable[int] = (),
         timeout_s: float | None = None,
+        refused: Mapping[int, str] | None = None,
     ) -> None:
         """Each reply as a node record; an error reply and each node in `missing` (no reply
-        within the round's timeout) as a record with an `error` field."""
+        within the round's timeout) as a record with an `error` field; a reply the server left
+        out (`refused`: why, by source node) keeps its metrics, with the reason as `error` and
+        `refused` true."""
         records = []
+        refused = refused or {}
         for msg in replies:
             src = msg.metadata.src_node_id
             if msg.has_error():
@@ -60,6 +64,8 @@ class RoundRecorder:
                     f"{self.names_by_node_id[src]!r} (server.app.identify_nodes)")
             if phase == "evaluate" and "f1" in metrics:
                 self._node_f1[name] = float(metrics["f1"])
+            if src in refused:
+                metrics.update(error=refused[src], refused=True)
             records.append({"round": rnd, "scope": "node", "node": name, "phase": phase, **metrics})
         for node_id in missing:
             records.append({"round": rnd, "scope": "node", "node": self.name_of(node_id),

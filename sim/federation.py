@@ -95,14 +95,14 @@ def _appearance(spec: Any, key: str) -> Appearance:
     return Appearance(**spec)
 
 
-FAILURE_MODES = ("raise", "stall")
+FAILURE_MODES = ("raise", "stall", "nan")  # nan: the site replies with a NaN update (diverged)
 
 
 def _failure(spec: Any, key: str) -> dict[str, Any] | None:
-    """A hospital's simulated failure: {rounds: [..], mode: raise|stall, stall_s: seconds}."""
+    """A hospital's simulated failure: {rounds: [..], mode: raise|stall|nan, stall_s: seconds}."""
     if spec is None:
         return None
-    require(isinstance(spec, Mapping), key, spec, "a mapping {rounds: [...], mode: raise|stall}")
+    require(isinstance(spec, Mapping), key, spec, "a mapping {rounds: [...], mode: raise|stall|nan}")
     require_keys(spec, ("rounds", "mode", "stall_s"), key, "a key of failure")
     listed = spec.get("rounds")
     require(isinstance(listed, (list, tuple)) and len(listed) > 0, f"{key}.rounds", listed,

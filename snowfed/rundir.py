@@ -8,6 +8,7 @@ file; metrics.jsonl is appended one complete line per record and flushed, and a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -45,13 +46,43 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+NON_FINITE = "non_finite"  # the keys of a record whose value was NaN or infinite (now null)
+
+
+def strict_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`obj` with every NaN or infinite float replaced by None (strict JSON has no NaN token),
+    and the dotted paths of the values replaced."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [where]
+    if isinstance(obj, dict):
+        out, found = {}, []
+        for key, value in obj.items():
+            out[key], inner = strict_json(value, f"{where}.{key}" if where else str(key))
+            found += inner
+        return out, found
+    if isinstance(obj, list | tuple):
+        pairs = [strict_json(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]
+        return [v for v, _ in pairs], [p for _, inner in pairs for p in inner]
+    return obj, []
+
+
+def _flagged(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as strict JSON, its non-finite values null and named under NON_FINITE."""
+    clean, found = strict_json(record)
+    return {**clean, NON_FINITE: found} if found else clean
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a non-finite value is written as null and its path listed under
+    NON_FINITE at the top level."""
+    obj = _flagged(obj) if isinstance(obj, dict) else strict_json(obj)[0]
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records, one JSON object per line, flushed to disk before returning."""
-    lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in records)
+    """Append records, one strict-JSON object per line (a non-finite value null, its key listed
+    under NON_FINITE), flushed to disk before returning."""
+    lines = "".join(json.dumps(_flagged(r), sort_keys=False, allow_nan=False) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
         f.write(lines)
         f.flush()
@@ -110,7 +141,7 @@ def keep_rounds_upto(path: str | Path, last_round: int) -> int:
     records = read_jsonl(path)
     kept = [r for r in records if r.get("round", 0) <= last_round]
     if len(kept) != len(records) or Path(path).exists():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(path, "".join(json.dumps(_flagged(r), allow_nan=False) + "\n" for r in kept))
     return len(records) - len(kept)
 
 
@@ -150,7 +181,8 @@ def build_summary(
     each node's last reports are added: "final" (the global model on the node's clean held-out
     split), "final_train" (its local training: losses, local-f1 of the locally trained model)
     and, with personalisation, "personalized" (global vs fine-tuned model on that split).
-    Records with an `error` (a failed or late site) are counted per node as "failures".
+    Records with an `error` (a failed or late site) are counted per node as "failures", updates
+    the server refused (non-finite) as "refused_updates".
     """
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
@@ -166,7 +198,8 @@ def build_summary(
             continue
         if "error" in r:
             node = node_summary[r["node"]]
-            node["failures"] = node.get("failures", 0) + 1
+            kind = "refused_updates" if r.get("refused") else "failures"
+            node[kind] = node.get(kind, 0) + 1
             node["last_failure"] = {"round": r["round"], "phase": r["phase"], "error": r["error"]}
         else:
             key = FINAL_KEYS[r.get("phase")]

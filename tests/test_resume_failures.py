@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from snowfed.config import compose
 from snowfed.rundir import read_jsonl
@@ -85,9 +86,31 @@ def test_a_failing_site_is_left_out_and_recorded_and_too_few_sites_stop_the_run(
     strict["aggregation"]["min_train_nodes"] = 2
     summary = run(strict, tmp_path / "strict")
     assert summary["status"] == "failed"
-    assert "round 2: 1 of 2 sites replied" in summary["reason"] and "beta" in summary["reason"]
+    assert "round 2: 1 of 2 sites replied with a usable update" in summary["reason"] and "beta" in summary["reason"]
     assert summary["rounds"] == 1  # round 1 stays on disk
     assert (tmp_path / "strict" / "checkpoint.pt").exists()
+
+
+def test_a_site_replying_nan_is_refused_every_round_and_the_run_ends_finite(tmp_path):
+    cfg = _smoke("rounds=2")
+    cfg["federation"]["hospitals"][1]["failure"] = {"rounds": [1, 2], "mode": "nan"}
+    summary = run(cfg, tmp_path / "nan")
+
+    assert summary["status"] == "completed"
+    text = (tmp_path / "nan" / "metrics.jsonl").read_text()
+    records = [json.loads(line, parse_constant=_no_bare_nan) for line in text.splitlines()]
+    refused = [r for r in records if r.get("phase") == "train" and r.get("refused")]
+    assert [(r["round"], r["node"]) for r in refused] == [(1, "beta"), (2, "beta")]
+    assert "non-finite update refused" in refused[0]["error"]
+    assert summary["nodes"]["beta"]["refused_updates"] == 2
+    assert "failures" not in summary["nodes"]["beta"]
+    final = torch.load(tmp_path / "nan" / "model_final.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert summary["global"]["f1"] > 0.3  # alpha's updates alone still train the model
+
+
+def _no_bare_nan(token):
+    raise AssertionError(f"metrics.jsonl holds a bare {token} token")
 
 
 def test_a_site_past_the_round_timeout_is_left_out_and_recorded(tmp_path):

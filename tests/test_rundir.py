@@ -61,3 +61,26 @@ def test_a_run_directory_in_use_is_refused_before_anything_is_written(tmp_path, 
     assert sorted(p.name for p in run_dir.iterdir()) == [".snowfed.lock", "config.yaml"]
     with run_lock(run_dir):  # released: free again
         pass
+
+
+def test_metrics_and_summary_are_strict_json_with_non_finite_values_flagged(tmp_path):
+    import json
+    import math
+
+    from snowfed.rundir import append_jsonl, atomic_write_json, read_jsonl
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token}"))
+
+    append_jsonl(tmp_path / "m.jsonl", [{"round": 1, "train-loss": math.nan, "f1": 0.5},
+                                         {"round": 1, "auc": -math.inf}])
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [strict(line) for line in lines] == [
+        {"round": 1, "train-loss": None, "f1": 0.5, "non_finite": ["train-loss"]},
+        {"round": 1, "auc": None, "non_finite": ["auc"]}]
+    assert read_jsonl(tmp_path / "m.jsonl")[1]["non_finite"] == ["auc"]
+    atomic_write_json(tmp_path / "s.json", {"global": {"f1": 0.5, "auc": math.nan},
+                                            "history": [{"round": 0, "loss": math.inf}]})
+    summary = strict((tmp_path / "s.json").read_text())
+    assert summary["global"] == {"f1": 0.5, "auc": None}
+    assert summary["non_finite"] == ["global.auc", "history.0.loss"]
