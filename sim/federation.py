@@ -19,7 +19,7 @@ from snowfed.config import (
     require_number,
 )
 from snowfed.data.synthetic import Appearance, generate
-from snowfed.models import MODEL_TASKS, MODELS, build_model
+from snowfed.models import MODEL_TASKS, MODELS, NORMS, build_model
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
 from snowfed.store import ARRAYS, FederationStore, write_store
 from snowfed.strategies import StrategySpec
@@ -168,7 +168,24 @@ def configured_model(cfg: Mapping[str, Any], num_classes: int | None = None):
     task = cfg["task"]["name"]
     require(MODEL_TASKS[name] == task, "model.name", name,
             f"a {task} model ({', '.join(m for m, t in MODEL_TASKS.items() if t == task)}) with task={task}")
+    _check_model_params(name, model_cfg)
     return build_model(name, num_classes=int(num_classes or cfg["task"]["num_classes"]), **model_cfg)
+
+
+def _check_model_params(name: str, params: Mapping[str, Any]) -> None:
+    """The model's constructor signature is its schema: every `model.*` key must be one of its
+    parameters (but the task's num_classes), a whole-number one at least 1, `norm` one of NORMS."""
+    import inspect
+
+    signature = inspect.signature(MODELS[name])
+    allowed = [p for p in signature.parameters if p != "num_classes"]
+    for key, value in params.items():
+        require(key in allowed, f"model.{key}", value, f"a parameter of model {name} ({', '.join(allowed)})")
+        annotation = signature.parameters[key].annotation
+        if annotation in (int, "int"):
+            require_int(value, f"model.{key}", 1)
+        elif key == "norm":
+            require(value in NORMS, "model.norm", value, f"one of {', '.join(NORMS)}")
 
 
 def _check_against_model(spec: StrategySpec, model, cfg: Mapping[str, Any], key: str) -> StrategySpec:
@@ -229,6 +246,7 @@ def resolve_federation(cfg: Mapping[str, Any]):
     require_int(cfg.get("rounds"), "rounds", 1)
     global_noise = cfg.get("noise")
     model = configured_model(cfg)
+    image_size = require_int(cfg["dataset"].get("image_size"), "dataset.image_size", 16)
     hospitals, names = [], set()
     for i, h in enumerate(hospitals_cfg):
         key = f"federation.hospitals[{i}]"
@@ -239,6 +257,8 @@ def resolve_federation(cfg: Mapping[str, Any]):
         strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
         strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
         check_strategy_for_task(strategy, strategy_key, "segmentation")
+        require(strategy.tile_size <= image_size, f"{strategy_key}.tile_size", strategy.tile_size,
+                f"at most dataset.image_size={image_size} (a tile is cut from one image)")
         if global_noise is not None:
             profile, noise = _noise({"preset": global_noise["name"], **global_noise}, "noise")
         else:
@@ -264,7 +284,7 @@ def resolve_federation(cfg: Mapping[str, Any]):
                     "(this hospital's strategy has teacher 'clean', trained on its verified images)")
     return FederationPlan(
         name=str(fed.get("name", "custom")),
-        image_size=require_int(cfg["dataset"].get("image_size"), "dataset.image_size", 16),
+        image_size=image_size,
         val_fraction=val_fraction,
         test_images_per_site=require_int(
             fed.get("test_images_per_site"), "federation.test_images_per_site", 1

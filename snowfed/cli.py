@@ -193,6 +193,8 @@ def run_command(args: list[str]) -> int:
         check_group_overrides(overrides)
         if not multirun:
             validate(plain_config(compose(overrides)))
+        else:  # the keys a sweep names must exist: its first job's composition says so in a line
+            compose(_first_choices(overrides))
     except BAD_INPUT as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -206,6 +208,23 @@ def run_command(args: list[str]) -> int:
         if multirun:
             return _run_sweep(parallel)
     return 0
+
+
+def _first_choices(overrides: list[str]) -> list[str]:
+    """A sweep's overrides with the first choice of each (`a,b` and `choice(a,b)` -> `a`); a
+    value Hydra would expand otherwise (range, glob, interval) is left out."""
+    first = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        value = value.strip()
+        if value.startswith("choice(") and value.endswith(")"):
+            value = value[len("choice("):-1]
+        elif "(" in value:
+            continue
+        if "," in value and not value.startswith(("[", "{", "'", '"')):
+            value = value.split(",", 1)[0]
+        first.append(f"{key}={value}")
+    return first
 
 
 _SWEEP_JOBS: list = []  # the jobs Hydra's multirun laid out (config and directory of each)

@@ -83,10 +83,64 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     check_group_overrides(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_PACKAGE, version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise _composition_error(overrides, err) from None
+        defaults = hydra_compose(config_name="config") if any(
+            o.startswith("+") and "." not in o.split("=", 1)[0] for o in overrides) else None
+    if defaults is not None:  # `+key=value` adds a top-level key no part of snowfed reads
+        for override in overrides:
+            key, _, value = override.partition("=")
+            key = key.lstrip("+")
+            if override.startswith("+") and "." not in key and key not in defaults:
+                raise ConfigError(key, value, f"a top-level key of snowfed's config ("
+                                  f"{', '.join(k for k in defaults if k != 'hydra')})")
+    return cfg
+
+
+def _composition_error(overrides: Sequence[str], err: Exception) -> ConfigError:
+    """Hydra's composition error for these overrides as one ConfigError line: the override it
+    names, and for a key that does not exist the closest existing ones."""
+    import difflib
+
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    named = next((o for o in overrides if f"'{o.split('=', 1)[0].lstrip('+~')}'" in message), None)
+    if named is None:
+        return ConfigError("overrides", " ".join(overrides), f"composable by Hydra ({message})")
+    key, _, value = named.partition("=")
+    key = key.lstrip("+~")
+    if "Could not override" in message or "Key" in message and "not in struct" in message:
+        parent, _, leaf = key.rpartition(".")
+        known = _keys_at(parent, overrides)
+        close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(f'{parent}.{c}' if parent else c for c in close)}? " if close else ""
+        where = f"the keys of {parent}" if parent else "the top-level keys"
+        return ConfigError(key, value, f"an existing key: {hint}{where} are {', '.join(known)} "
+                           f"(+{key}=... adds a key where a part's params allow it)")
+    return ConfigError(key, value, f"composable by Hydra ({message})")
+
+
+def _keys_at(parent: str, overrides: Sequence[str]) -> list[str]:
+    """The keys under `parent` in the config composed without the overrides that failed (only
+    the group choices among them)."""
+    from hydra import compose as hydra_compose
+
+    groups = [o for o in overrides if o.split("=", 1)[0] in GROUPS]
+    try:
+        node: Any = hydra_compose(config_name="config", overrides=groups)
+    except Exception:  # noqa: BLE001 - the hint is best effort; the error names the key anyway
+        node = hydra_compose(config_name="config")
+    for part in filter(None, parent.split(".")):
+        node = node.get(part) if hasattr(node, "get") else None
+    keys = [str(k) for k in node if k != "hydra"] if hasattr(node, "keys") else []
+    return keys + [g for g in GROUPS if g not in keys] if not parent else keys
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -21,6 +21,22 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
          "one of bb, clean"),
         (["strategy.sampler=nope"], "strategy.sampler='nope'", "random"),
         (["backend.client_resources.num_gpus=-1"], "backend.client_resources.num_gpus=-1", ">= 0"),
+        # keys Hydra cannot compose, with the closest existing keys named
+        (["foo=1"], "foo='1'", "the top-level keys are rounds"),
+        (["noize=noisy"], "noize='noisy'", "did you mean noise?"),
+        (["strategy.lrr=0.1"], "strategy.lrr='0.1'", "did you mean strategy.lr?"),
+        (["model.widht=8"], "model.widht='8'", "did you mean model.width?"),
+        (["federation.val_fractio=0.1"], "federation.val_fractio='0.1'",
+         "did you mean federation.val_fraction?"),
+        # keys added with + that no part reads
+        (["+foo=1"], "foo='1'", "a top-level key of snowfed's config"),
+        (["+strategy.foo=1"], "strategy.foo=1", "a strategy key"),
+        (["+model.depth=2"], "model.depth=2", "a parameter of model shortres"),
+        # values that used to be clamped, or to fail after Ray started
+        (["strategy.tile_size=1000"], "strategy.tile_size=1000", "at most dataset.image_size=128"),
+        (["model.width=0"], "model.width=0", "an integer >= 1"),
+        (["model.norm=batch"], "model.norm='batch'", "one of none, group"),
+        (["rounds=abc"], "rounds='abc'", "an integer >= 1"),
     ],
 )
 def test_bad_input_is_refused_before_work(overrides, key, allowed, tmp_path, capsys):
@@ -69,3 +85,16 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed"}))
     assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
     assert "more than the 3 rounds this run has completed" in capsys.readouterr().err
+
+
+def test_a_sweep_naming_a_key_that_does_not_exist_is_refused_before_work(tmp_path, capsys):
+    import ray
+
+    sweep_dir = tmp_path / "sweep"
+    code = main(["run", "-m", "federation=smoke", "strategy.lrr=0.1,0.2", "seed=0,1",
+                 f"hydra.sweep.dir={sweep_dir}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_CONFIG
+    assert "strategy.lrr='0.1'" in err and "did you mean strategy.lr?" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not sweep_dir.exists() and not ray.is_initialized()
