@@ -82,7 +82,6 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -120,7 +119,8 @@ def _composition_error(overrides: Sequence[str], err: Exception) -> ConfigError:
         parent, _, leaf = key.rpartition(".")
         known = _keys_at(parent, overrides)
         close = difflib.get_close_matches(leaf, known, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(f'{parent}.{c}' if parent else c for c in close)}? " if close else ""
+        names = [f"{parent}.{c}" if parent else c for c in close]
+        hint = f"did you mean {' or '.join(names)}? " if close else ""
         where = f"the keys of {parent}" if parent else "the top-level keys"
         return ConfigError(key, value, f"an existing key: {hint}{where} are {', '.join(known)} "
                            f"(+{key}=... adds a key where a part's params allow it)")
