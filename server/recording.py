@@ -7,6 +7,7 @@ timeouts) are never aggregated away.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from flwr.app import Message
 from snowfed.rundir import append_jsonl
 
 NODE_KEY = "partition-id"  # every node reply carries its partition id among its metrics
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain_text(reason: str) -> str:
+    """An error reason without the terminal colour codes Ray puts in its exception text."""
+    return _ANSI.sub("", reason)
 
 
 class RoundRecorder:
@@ -54,7 +61,7 @@ class RoundRecorder:
             src = msg.metadata.src_node_id
             if msg.has_error():
                 records.append({"round": rnd, "scope": "node", "node": self.name_of(src),
-                                "phase": phase, "error": msg.error.reason})
+                                "phase": phase, "error": plain_text(msg.error.reason)})
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             name = self.node_names[int(metrics.pop(NODE_KEY))]

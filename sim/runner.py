@@ -63,6 +63,12 @@ def backend_config(backend: Mapping[str, Any]) -> dict[str, Any]:
     res = backend.get("client_resources") or {}
     num_cpus = require_number(res.get("num_cpus"), "backend.client_resources.num_cpus", low=0.01)
     num_gpus = require_number(res.get("num_gpus", 0.0), "backend.client_resources.num_gpus", low=0.0)
+    if num_gpus > 0:  # else Flower's actor pool stays empty and the simulation waits forever
+        import torch
+
+        require(torch.cuda.is_available(), "backend.client_resources.num_gpus", num_gpus,
+                "0 on this machine (torch sees no CUDA device; backend=cpu runs the clients on "
+                "the CPU)")
     init_args = dict(backend.get("init_args") or {})
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
 
@@ -456,7 +462,7 @@ def ray_started_early(cfg: Mapping[str, Any] | None) -> Iterator[RayStart | None
 
 @contextmanager
 def ctrl_c_sets(stop: threading.Event | None) -> Iterator[None]:
-    """Ctrl-C during a simulation sets `stop`: the ServerApp's loops (run_federation) then end at
+    """Ctrl-C (or SIGTERM, which SLURM and `timeout` send) during a simulation sets `stop`: the ServerApp's loops (run_federation) then end at
     their next wait for replies, the runs' summaries say `interrupted`, and Flower ends the
     simulation in order: its workers finish the client task in hand, then it shuts Ray down.
     A KeyboardInterrupt in the engine's thread instead shut Ray down under those workers, and
@@ -470,16 +476,18 @@ def ctrl_c_sets(stop: threading.Event | None) -> Iterator[None]:
         if stop.is_set():
             print("snowfed: interrupted twice; leaving now (the run directory holds every "
                   "completed round: `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
-            os._exit(128 + signal.SIGINT)
+            os._exit(128 + signum)
         stop.set()
-        print("snowfed: stopping after the client tasks in hand (Ctrl-C again to leave at once)",
-              file=sys.stderr, flush=True)
+        what = "SIGTERM: " if signum == signal.SIGTERM else ""
+        print(f"snowfed: {what}stopping after the client tasks in hand (Ctrl-C again to leave at "
+              "once)", file=sys.stderr, flush=True)
 
-    before = signal.signal(signal.SIGINT, on_ctrl_c)
+    before = {sig: signal.signal(sig, on_ctrl_c) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: RayStart | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -345,6 +346,9 @@ def console() -> None:
     the interpreter's final garbage collection then walks the millions of objects torch, Ray and
     Flower leave behind (1.4 s of every run here), so they are frozen out of it: the process
     ends and the OS takes the memory back."""
+    # SIGTERM (SLURM, `timeout`, a container stop) ends a run as Ctrl-C does: interrupted, its
+    # summary written, resumable (sim.runner.ctrl_c_sets during the simulation)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     code = main()
     sys.stdout.flush()
     gc.freeze()

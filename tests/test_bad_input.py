@@ -98,3 +98,14 @@ def test_a_sweep_naming_a_key_that_does_not_exist_is_refused_before_work(tmp_pat
     assert "strategy.lrr='0.1'" in err and "did you mean strategy.lr?" in err
     assert len(err.strip().splitlines()) == 1
     assert not sweep_dir.exists() and not ray.is_initialized()
+
+
+def test_a_gpu_backend_without_a_gpu_is_refused_before_work(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["run", "federation=smoke", "backend=gpu", f"run_dir={tmp_path / 'r'}"]) == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert "backend.client_resources.num_gpus=0.25" in err and "no CUDA device" in err
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,8 +88,8 @@ def test_cli_runs_the_smoke_federation(tmp_path):
     assert summary["status"] == "completed"
 
 
-def test_ctrl_c_keeps_what_was_written(tmp_path):
-    import signal
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
     import time
 
     run_dir = tmp_path / "interrupted"
@@ -102,13 +103,14 @@ def test_ctrl_c_keeps_what_was_written(tmp_path):
         for line in proc.stderr:  # wait for the second round to complete
             if line.startswith("round 2/") or time.monotonic() > deadline:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest = proc.stderr.read()  # Flower ends the simulation in order (sim.runner.ctrl_c_sets)
         assert proc.wait(timeout=120) == 130, rest[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "stopping after the client tasks in hand" in rest
+    assert ("SIGTERM: " in rest) == (signum == signal.SIGTERM)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert summary["rounds"] >= 2
