@@ -465,9 +465,10 @@ def ctrl_c_sets(stop: threading.Event | None) -> Iterator[None]:
     """Ctrl-C (or SIGTERM, which SLURM and `timeout` send) during a simulation sets `stop`: the
     ServerApp's loops (run_federation) then end at their next wait for replies, the runs'
     summaries say `interrupted`, and Flower ends the simulation in order: its workers finish the
-    client task in hand, then it shuts Ray down. A KeyboardInterrupt in the engine's thread instead shut Ray down under those workers, and
-    the interpreter crashed (a segfault, about one Ctrl-C in three). A second Ctrl-C leaves at
-    once: the run directory is consistent after every write, and resumable."""
+    client task in hand, then it shuts Ray down. A KeyboardInterrupt in the engine's thread
+    instead shut Ray down under those workers, and the interpreter crashed (a segfault, about one
+    Ctrl-C in three). A second Ctrl-C leaves at once: the run directory is consistent after every
+    write, and resumable."""
     if stop is None or threading.current_thread() is not threading.main_thread():
         yield
         return
