@@ -45,6 +45,7 @@ from snowfed.rundir import (
     atomic_write_bytes,
     keep_rounds_upto,
     load_checkpoint,
+    restore_global_record,
     save_checkpoint,
 )
 from snowfed.store import FederationStore
@@ -318,10 +319,10 @@ def run_federation(
 
     def complete(server_round: int, arrays: ArrayRecord, metrics: dict[str, float],
                  random_state: tuple) -> None:
-        """Record the round's global metrics and checkpoint it; `random_state` is the run's
-        (python, numpy) random state before the next round was configured."""
-        recorder.record_global(server_round, metrics)
-        completed[server_round] = metrics
+        """Checkpoint the round, then record its global metrics (a kill between the two leaves
+        a checkpoint whose record resume writes from it: `restore_global_record`);
+        `random_state` is the run's (python, numpy) random state before the next round was
+        configured."""
         save_checkpoint(run_dir, server_round, {
             "arrays": arrays.to_torch_state_dict(),
             "strategy": strategy_state(strategy),
@@ -329,6 +330,8 @@ def run_federation(
             "numpy_random": random_state[1],  # and draws central-DP noise with numpy's
             "metrics": metrics,
         })
+        recorder.record_global(server_round, metrics)
+        completed[server_round] = metrics
 
     saved = load_checkpoint(run_dir)
     if saved is None:
@@ -336,7 +339,7 @@ def run_federation(
         arrays = ArrayRecord(model.state_dict())
         complete(0, arrays, evaluate_global(0, arrays), (rng.python, rng.numpy))
     else:
-        keep_rounds_upto(run_dir / METRICS, saved["round"])
+        restore_global_record(run_dir / METRICS, saved)
         arrays = ArrayRecord(saved["arrays"])
         vars(strategy).update(saved["strategy"])
         rng.python, rng.numpy = saved["random"], saved["numpy_random"]

@@ -26,7 +26,13 @@ from snowfed.client.trainer import (
     train_locally,
 )
 from snowfed.evaluation import evaluate
-from snowfed.rundir import METRICS, keep_rounds_upto, load_checkpoint, save_checkpoint
+from snowfed.rundir import (
+    METRICS,
+    keep_rounds_upto,
+    load_checkpoint,
+    restore_global_record,
+    save_checkpoint,
+)
 from snowfed.server.app import FederationResult, build_global_model, save_model
 from snowfed.server.recording import RoundRecorder
 from snowfed.store import FederationStore
@@ -108,6 +114,13 @@ def run_reference(
         if rnd > 0:
             recorder.append(node_records)
         metrics = {k: float(np.mean([s[k] for s in test_scores])) for k in test_scores[0]}
+        # the checkpoint before the global record, as the federated server does (resume writes a
+        # record the checkpoint has and the log lacks: restore_global_record)
+        save_checkpoint(run_dir, rnd, {
+            "models": [{k: v.cpu() for k, v in lr.model.state_dict().items()} for lr in learners],
+            "memory": [lr.memory for lr in learners],
+            "metrics": metrics,
+        })
         recorder.record_global(rnd, metrics)
         completed[rnd] = metrics
 
@@ -116,7 +129,7 @@ def run_reference(
         keep_rounds_upto(run_dir / METRICS, -1)
         evaluate_round(0)
     else:
-        keep_rounds_upto(run_dir / METRICS, saved["round"])
+        restore_global_record(run_dir / METRICS, saved)
         for learner, state, memory in zip(learners, saved["models"], saved["memory"]):
             learner.model.load_state_dict(state)
             learner.memory = memory
@@ -132,11 +145,6 @@ def run_reference(
                                   "phase": "train", "num-examples": len(data[learner.partition_id].images),
                                   "train-loss-first": stats.first_loss, "train-loss": stats.last_loss}])
         evaluate_round(rnd)
-        save_checkpoint(run_dir, rnd, {
-            "models": [{k: v.cpu() for k, v in lr.model.state_dict().items()} for lr in learners],
-            "memory": [lr.memory for lr in learners],
-            "metrics": completed[rnd],
-        })
 
     if mode == "pooled":
         save_model(run_dir, learners[0].model.state_dict())

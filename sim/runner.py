@@ -105,7 +105,34 @@ def start_run_dir(cfg: Mapping[str, Any], run_dir: Path, key: str = "run_dir") -
         raise ConfigError(key, str(run_dir), "a new or empty run directory (this one holds "
                           "a previous run's results, which snowfed never overwrites)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    text = OmegaConf.to_yaml(OmegaConf.create(dict(cfg)))
+    atomic_write_text(run_dir / STARTED_CONFIG, text)  # what resume compares config.yaml with
+    atomic_write_text(run_dir / CONFIG, text)
+
+
+STARTED_CONFIG = ".config-at-start.yaml"
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: leaf value}."""
+    if isinstance(value, Mapping) and value:
+        return {k: v for key, item in value.items()
+                for k, v in _flat(item, f"{prefix}.{key}" if prefix else str(key)).items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}.{i}").items()}
+    return {prefix: value}
+
+
+def edited_keys(run_dir: Path, cfg: Mapping[str, Any]) -> list[str]:
+    """The keys of `cfg` (the run's config.yaml) that differ from the config the run started
+    with, as `key: old -> new`, RESUME_OVERRIDES aside; none when the run predates the record."""
+    if not (run_dir / STARTED_CONFIG).is_file():
+        return []
+    before = _flat(plain_config(OmegaConf.load(run_dir / STARTED_CONFIG)))
+    after = _flat(dict(cfg))
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if k.split(".")[0] not in RESUME_OVERRIDES and before.get(k) != after.get(k))
+    return [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}" for k in changed]
 
 
 def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | None = None) -> dict:
@@ -285,6 +312,9 @@ def _resume_locked(run_dir: Path, overrides: dict[str, Any], federate: Federate 
             "a run directory with a checkpoint.pt (this run stopped before its first round was "
             "evaluated: start it again instead)")
     cfg = plain_config(OmegaConf.load(run_dir / CONFIG))
+    edited = edited_keys(run_dir, cfg)
+    require(not edited, "resume", str(run_dir), f"a run whose {CONFIG} is as the run started (edited "
+            f"since: {'; '.join(edited)}); put the values back, or start a new run")
     cfg.update(overrides)
     validate(cfg)
     finished = saved["round"] == cfg["rounds"] and read_summary_status(run_dir) == "completed"

@@ -145,6 +145,17 @@ def keep_rounds_upto(path: str | Path, last_round: int) -> int:
     return len(records) - len(kept)
 
 
+def restore_global_record(path: str | Path, saved: dict[str, Any]) -> None:
+    """Make a metrics log agree with the checkpoint `saved` a run resumes from: drop the records
+    of later rounds, and write the checkpoint's global record if the run was stopped between
+    writing the checkpoint and its record (the checkpoint comes first)."""
+    keep_rounds_upto(path, saved["round"])
+    recorded = any(r.get("scope") == "global" and r.get("round") == saved["round"]
+                   for r in read_jsonl(path))
+    if not recorded and "metrics" in saved:
+        append_jsonl(path, [{"round": saved["round"], "scope": "global", **saved["metrics"]}])
+
+
 def save_checkpoint(run_dir: str | Path, rnd: int, state: dict[str, Any]) -> None:
     """The state after round `rnd` (models, server strategy, random streams), atomically."""
     import io

@@ -109,3 +109,21 @@ def test_a_gpu_backend_without_a_gpu_is_refused_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "backend.client_resources.num_gpus=0.25" in err and "no CUDA device" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_a_config_edited_since_the_run_started(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from snowfed.config import compose
+    from snowfed.rundir import save_checkpoint
+    from snowfed.sim.runner import plain_config, start_run_dir
+
+    run_dir = tmp_path / "run"
+    cfg = plain_config(compose(["federation=smoke", "rounds=3"]))
+    start_run_dir(cfg, run_dir)
+    save_checkpoint(run_dir, 1, {})
+    edited = {**cfg, "strategy": {**cfg["strategy"], "lr": 0.01}, "rounds": 5}  # rounds may change
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(edited)))
+    assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert "edited since: strategy.lr: 0.001 -> 0.01)" in err and len(err.strip().splitlines()) == 1

@@ -84,3 +84,21 @@ def test_metrics_and_summary_are_strict_json_with_non_finite_values_flagged(tmp_
     summary = strict((tmp_path / "s.json").read_text())
     assert summary["global"] == {"f1": 0.5, "auc": None}
     assert summary["non_finite"] == ["global.auc", "history.0.loss"]
+
+
+def test_resume_writes_the_global_record_a_checkpoint_has_and_the_log_lacks(tmp_path):
+    """A round's checkpoint is written before its global record; a kill between the two leaves
+    a log one record short, which resume completes from the checkpoint (and a later round's
+    partial records go)."""
+    from snowfed.rundir import restore_global_record
+
+    log = tmp_path / "metrics.jsonl"
+    append_jsonl(log, [{"round": 0, "scope": "global", "f1": 0.2},
+                       {"round": 1, "scope": "node", "node": "a", "phase": "evaluate", "f1": 0.5},
+                       {"round": 2, "scope": "node", "node": "a", "phase": "train"}])
+    restore_global_record(log, {"round": 1, "metrics": {"f1": 0.6}})
+    assert read_jsonl(log) == [{"round": 0, "scope": "global", "f1": 0.2},
+                               {"round": 1, "scope": "node", "node": "a", "phase": "evaluate", "f1": 0.5},
+                               {"round": 1, "scope": "global", "f1": 0.6}]
+    restore_global_record(log, {"round": 1, "metrics": {"f1": 0.6}})  # nothing to do twice
+    assert len(read_jsonl(log)) == 3
