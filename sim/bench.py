@@ -295,32 +295,33 @@ def measure(variant: str, jobs: list[tuple[str, ...]], out: Path, sweep: bool = 
                    [t - report["start"] for t in report["run_ends"]])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="snowfed bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, steps and runs (< 3 min)")
-    parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help=f"comma-separated workloads among {', '.join(WORKLOADS)}")
-    parser.add_argument("--out", help="where the runs go (default: a temporary folder, removed)")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--jobs", help=argparse.SUPPRESS)  # the child's runs: a JSON list of overrides
-    parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
-    opts = parser.parse_args(argv)
-    if opts.child:
-        started = float(os.environ["SNOWFED_BENCH_START"])  # the parent's clock at the spawn
-        jobs = [tuple(job) for job in json.loads(Path(opts.jobs).read_text())]
-        report = child(opts.child, jobs, opts.sweep, Path(opts.out))
-        report["start"] = started
-        Path(os.environ["SNOWFED_BENCH_RESULT"]).write_text(json.dumps(report))
-        return 0
-    only = [w for w in opts.only.split(",") if w]
+def benchmark(quick: bool, only: list[str], out: Path | None) -> int:
+    """`snowfed bench`: measure the workloads in `only` (all of WORKLOADS by default); the runs
+    go to `out`, or to a temporary folder that is removed."""
     unknown = [w for w in only if w not in WORKLOADS]
     if unknown:
         print(f"snowfed bench: --only {','.join(unknown)} is not a workload; choose among "
               f"{', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="snowfed-bench-") as tmp:
-        root = Path(opts.out or tmp)
-        return _bench(root, only, opts.quick)
+        return _bench(Path(out or tmp), only or list(WORKLOADS), quick)
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """One variant's process (`python -m snowfed.sim.bench --child V ...`, spawned by `measure`):
+    it runs the jobs and writes what it measured where the parent said."""
+    parser = argparse.ArgumentParser(prog="python -m snowfed.sim.bench")
+    parser.add_argument("--child", choices=VARIANTS, required=True)
+    parser.add_argument("--jobs", required=True)  # the child's runs: a JSON list of overrides
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sweep", action="store_true")
+    opts = parser.parse_args(argv)
+    started = float(os.environ["SNOWFED_BENCH_START"])  # the parent's clock at the spawn
+    jobs = [tuple(job) for job in json.loads(Path(opts.jobs).read_text())]
+    report = child(opts.child, jobs, opts.sweep, Path(opts.out))
+    report["start"] = started
+    Path(os.environ["SNOWFED_BENCH_RESULT"]).write_text(json.dumps(report))
+    return 0
 
 
 @dataclass(frozen=True)
@@ -397,6 +398,6 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = child_main()
     gc.freeze()  # every variant's process ends as the `snowfed` command does (cli.console)
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""The `snowfed` command.
+"""The `snowfed` command, on Typer (which Flower installs): one subcommand each, `--help` on each.
 
     snowfed run [HYDRA OVERRIDES]      one simulation (e.g. federation=smoke rounds=2)
     snowfed run -m [SWEEP OVERRIDES]   a Hydra multirun sweep (e.g. seed=0,1,2)
@@ -7,8 +7,9 @@
     snowfed bench [--quick]            snowfed against stock Flower and a plain PyTorch loop
     snowfed prepare DIR [OVERRIDES]    only write the federation store (a real deployment's data)
 
-The CLI sits on top of the stack, so its command handlers import `snowfed.sim` lazily: the core
-modules themselves never import a role package.
+Bad usage is one line and exit 2, as bad config is. The CLI sits on top of the stack, so its
+command handlers import `snowfed.sim` lazily: the core modules themselves never import a role
+package.
 """
 
 from __future__ import annotations
@@ -17,65 +18,195 @@ import gc
 import os
 import signal
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from typing import Annotated
 
-from snowfed.config import CONFIG_PACKAGE, ConfigError, check_group_overrides, compose
+import click
+import typer
+
+from snowfed.config import (
+    CONFIG_PACKAGE,
+    GROUPS,
+    ConfigError,
+    check_group_overrides,
+    compose,
+    group_options,
+)
 from snowfed.data.loaders import DataError
-
-USAGE = """usage: snowfed run [-m] [OVERRIDE ...]
-
-  run        run a federated simulation; OVERRIDEs are Hydra overrides such as
-             federation=smoke rounds=2 strategy.lr=0.0005 noise=noisy backend=gpu
-  run -m     a sweep over comma-separated values (Hydra multirun), e.g. seed=0,1,2; run again,
-             the same command runs only the jobs that have not completed
-  run resume=DIR [rounds=N]
-             continue the run in DIR from its last completed round (its own config; only
-             rounds, verbose and personalize_steps may change)
-  report     DIR... [--rows KEY] [--cols KEY] [--metric NAME] [--out DIR]: mean and spread of a
-             final global metric over the completed runs under DIR, grouped by two config keys
-             (defaults strategy.name x noise.name, f1) and a pairwise Wilcoxon score of the
-             rows; writes report.md, report.csv and three plots: metric_per_round.png,
-             metric_vs_noise.png (--noise-key KEY: a numeric config key as the noise level,
-             default the measured label noise) and quality_quantity.png;
-             --privacy-plot KEY: the metric against the epsilon spent (privacy_utility.png)
-  bench      [--quick] [--only W1,W2,S,MEM] [--out DIR]: snowfed against a stock Flower app and a
-             plain PyTorch loop on the same work; the last line holds the ratios (docs/benchmarks.md)
-  prepare    DIR [OVERRIDE ...]: validate the config and write its federation store to DIR,
-             without training: the data of a real deployment's rehearsal (docs/deployment.md)
-
-Config groups: task dataset model federation noise strategy aggregation privacy backend experiment
-(`snowfed run --cfg job` prints the composed config; `--help` lists the options of each group).
-"""
 
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 BAD_INPUT = (ConfigError, DataError)  # a config key or a data file that cannot work
 EXIT_INTERRUPTED = 130
 
+# Hydra's own flags that `snowfed run` hands on: they print (config, help, completion) and run
+# nothing, so the overrides beside them are not validated first
+HYDRA_INTROSPECTION = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc")
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _config_groups() -> str:
+    """The config groups and their options, a line each (the epilog of `snowfed run --help`)."""
+    lines = [f"- **{group}**: {', '.join(group_options(group))}" for group in GROUPS]
+    return "Config groups (group=option; any key with group.key=value):\n\n" + "\n\n".join(lines)
+
+
+app = typer.Typer(
+    name="snowfed",
+    help="Simulate a federation of hospitals with imperfect labels (Flower + Ray), and compare "
+         "local strategies and aggregations.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    add_completion=False,  # `snowfed run` completes with Hydra's own shell completion
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"snowfed {version('snowfed')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """Simulate a federation of hospitals with imperfect labels, and compare strategies."""
+
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code: the subcommand's own, 2 for bad usage (one line), 0 for help."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if argv else EXIT_BAD_CONFIG
-    command, args = argv[0], argv[1:]
-    if command == "report":
-        return report_command(args)
-    if command == "prepare":
-        return prepare_command(args)
-    if command == "bench":
-        from snowfed.sim.bench import main as bench_main
-
-        return bench_main(args)
-    if command != "run":
-        print(f"snowfed: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    if argv[:1] in (["-sc"], ["--shell-completion"]):
+        return _complete(argv)
+    try:
+        code = app(args=argv, prog_name="snowfed", standalone_mode=False)
+    except click.exceptions.Exit as exit_:  # --help, --version
+        return exit_.exit_code
+    except click.exceptions.NoArgsIsHelpError as err:  # `snowfed` alone: the help, exit 2
+        print(err.ctx.get_help())
         return EXIT_BAD_CONFIG
-    return run_command(args)
+    except click.ClickException as err:  # a usage error: one line, as bad config is
+        where = f"snowfed {err.ctx.info_name}" if getattr(err, "ctx", None) else "snowfed"
+        where = "snowfed" if where == "snowfed snowfed" else where
+        print(f"{where}: {err.format_message()} (see {where} --help)", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except click.Abort:
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
 
 
-def report_command(args: list[str]) -> int:
-    import argparse
+def _complete(argv: list[str]) -> int:
+    """Hydra's bash completion (`snowfed run -sc install=bash`) asks `snowfed -sc query=bash`
+    with the whole line in COMP_LINE: the overrides after `snowfed run` are Hydra's to complete,
+    the word after `snowfed` is a subcommand."""
+    words = os.environ.get("COMP_LINE", "").split()
+    if len(words) >= 2 and words[1] == "run" and (len(words) > 2 or
+                                                 os.environ["COMP_LINE"].endswith(" ")):
+        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(" run", "", 1)
+        return _hydra(argv, False, "auto")
+    typed = words[1] if len(words) > 1 else ""
+    print(" ".join(c for c in ("run", "report", "prepare", "bench") if c.startswith(typed)))
+    return 0
 
+
+@app.command(context_settings=_EXTRA_ARGS, epilog=_config_groups())
+def run(
+    overrides: Annotated[list[str] | None, typer.Argument(
+        metavar="[OVERRIDE]...", help="Hydra overrides (group=option, key=value), or Hydra's "
+        "flags.", show_default=False)] = None,
+    multirun: Annotated[bool, typer.Option("-m", "--multirun",
+                                           help="A sweep over comma-separated values, e.g. "
+                                                "seed=0,1,2; the same command again runs only the "
+                                                "jobs that have not completed.")] = False,
+    parallel: Annotated[str, typer.Option(help="A sweep's runs at once in its one simulation: "
+                                               "auto or a whole number.")] = "auto",
+) -> int:
+    """Run a federated simulation, or a sweep of them (-m).
+
+    OVERRIDES are Hydra's: `federation=smoke rounds=2 strategy.lr=0.0005 noise=noisy
+    backend=gpu`.
+
+    `resume=DIR [rounds=N]` continues the run in DIR from its last completed round (its own
+    config; only rounds, verbose and personalize_steps may change). Hydra's flags pass through:
+    `--cfg job` prints the composed config, `--hydra-help` Hydra's help, `--shell-completion
+    install=bash` the bash completion script: `eval "$(snowfed run -sc install=bash)"`.
+    """
+    args = list(overrides or ())
+    if parallel != "auto" and not parallel.isdigit():
+        return _bad_input(ConfigError("--parallel", parallel, "auto or a whole number of runs"))
+    introspection = any(a in HYDRA_INTROSPECTION for a in args)
+    given = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
+    if any(o.startswith("resume=") for o in given) and not multirun and not introspection:
+        return resume_command(given)
+    if not introspection:
+        try:
+            check_group_overrides(given)
+            if not multirun:
+                validate_overrides(given)
+            else:  # the keys a sweep names must exist: its first job's composition says so
+                compose(_first_choices(given))
+        except BAD_INPUT as err:
+            return _bad_input(err)
+    return _hydra(args, multirun, parallel if parallel == "auto" else int(parallel))
+
+
+def validate_overrides(overrides: list[str]) -> None:
+    from snowfed.sim.runner import plain_config, validate
+
+    validate(plain_config(compose(overrides)))
+
+
+def _bad_input(err: Exception) -> int:
+    print(f"snowfed: {err}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+
+
+def _hydra(args: list[str], multirun: bool, parallel: int | str) -> int:
+    """Hand the run (or the sweep's job list) to Hydra under the name `snowfed`, so its shell
+    completion and help speak of `snowfed run`."""
+    sys.argv = ["snowfed", *(["--multirun"] if multirun else []), *args]
+    _SWEEP_JOBS.clear()
+    with _interrupt_exits():
+        try:
+            _hydra_run()  # a multirun only collects its jobs (`_job`); they run below, together
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        if multirun:
+            return _run_sweep(parallel)
+    return 0
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Run or sweep directories.",
+                                               show_default=False)],
+    rows: Annotated[str, typer.Option(help="Config key of the rows.")] = "strategy.name",
+    cols: Annotated[str, typer.Option(help="Config key of the columns.")] = "noise.name",
+    metric: Annotated[str, typer.Option(help="Final global metric (f1, dice, mcc, accuracy, "
+                                             "...).")] = "f1",
+    row_order: Annotated[str, typer.Option(help="Comma-separated row labels, in order.")] = "",
+    col_order: Annotated[str, typer.Option(help="Comma-separated column labels, in order.")] = "",
+    out: Annotated[Path | None, typer.Option(help="Where report.md, report.csv and the plots "
+                                                     "go (default: the first DIR).")] = None,
+    noise_key: Annotated[str | None, typer.Option(
+        metavar="KEY", help="The noise level of metric_vs_noise.png: a numeric config key (e.g. "
+        "noise.p_remove); default: the run's measured label noise, 1 - label F1 (segmentation) "
+        "or the flip rate (classification), num_train-weighted mean over sites.")] = None,
+    privacy_plot: Annotated[str | None, typer.Option(
+        metavar="KEY", help="Also plot the metric against the epsilon spent, one series per value "
+        "of config KEY (e.g. privacy.noise_multiplier): privacy_utility.png.")] = None,
+) -> int:
+    """A table of finished runs: a final metric by two config keys, ranked.
+
+    The mean and spread of a final global metric over the completed runs under DIRS, grouped by
+    two config keys, with a Friedman/Nemenyi ranking of the rows and a pairwise Wilcoxon score;
+    writes report.md, report.csv and the plots (metric_per_round.png, metric_vs_noise.png,
+    quality_quantity.png, critical_difference.png)."""
     from snowfed.sim.report import (
         build_table,
         check_report_keys,
@@ -87,56 +218,35 @@ def report_command(args: list[str]) -> int:
         write_report,
     )
 
-    parser = argparse.ArgumentParser(prog="snowfed report")
-    parser.add_argument("dirs", nargs="+", help="run or sweep directories")
-    parser.add_argument("--rows", default="strategy.name", help="config key of the rows")
-    parser.add_argument("--cols", default="noise.name", help="config key of the columns")
-    parser.add_argument("--metric", default="f1", help="final global metric (f1, dice, mcc, ...)")
-    parser.add_argument("--row-order", default="", help="comma-separated row labels, in order")
-    parser.add_argument("--col-order", default="", help="comma-separated column labels, in order")
-    parser.add_argument("--out", help="where report.md, report.csv and the plots go (default: the "
-                        "first DIR)")
-    parser.add_argument("--noise-key", metavar="KEY", help="the noise level of metric_vs_noise.png: "
-                        "a numeric config key (e.g. noise.p_remove, "
-                        "federation.hospitals.1.noise.rate); default: the run's measured label "
-                        "noise, 1 - label F1 (segmentation) or the flip rate (classification), "
-                        "num_train-weighted mean over sites")
-    parser.add_argument("--privacy-plot", metavar="KEY", help="also plot the metric against the "
-                        "epsilon spent, one series per value of config KEY (e.g. "
-                        "privacy.noise_multiplier): privacy_utility.png")
     try:
-        opts = parser.parse_args(args)
-    except SystemExit as exit_:
-        return EXIT_BAD_CONFIG if exit_.code else 0
-    try:
-        runs = find_runs(opts.dirs)
+        runs = find_runs([str(d) for d in dirs])
     except FileNotFoundError as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    row_order, col_order = ([t for t in order.split(",") if t] for order in (opts.row_order, opts.col_order))
-    keys = {"--rows": opts.rows, "--cols": opts.cols, "--noise-key": opts.noise_key,
-            "--privacy-plot": opts.privacy_plot}
+    row_order, col_order = ([t for t in order.split(",") if t] for order in (row_order, col_order))
+    keys = {"--rows": rows, "--cols": cols, "--noise-key": noise_key,
+            "--privacy-plot": privacy_plot}
     try:
-        check_report_keys(runs, {flag: key for flag, key in keys.items() if key}, opts.metric)
+        check_report_keys(runs, {flag: key for flag, key in keys.items() if key}, metric)
     except ValueError as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    table = build_table(runs, opts.rows, opts.cols, opts.metric, row_order, col_order)
-    out = Path(opts.out or opts.dirs[0])
-    score = pairwise_score(runs, opts.rows, opts.cols, opts.metric)
-    ranking = friedman_ranking(runs, opts.rows, opts.cols, opts.metric, row_order=row_order,
+    table = build_table(runs, rows, cols, metric, row_order, col_order)
+    out = Path(out or dirs[0])
+    score = pairwise_score(runs, rows, cols, metric)
+    ranking = friedman_ranking(runs, rows, cols, metric, row_order=row_order,
                                col_order=col_order)
-    plots = write_ranking(ranking, out, opts.metric) + write_plots(runs, table, out, opts.noise_key)
+    plots = write_ranking(ranking, out, metric) + write_plots(runs, table, out, noise_key)
     md, csv_path = write_report(table, out, score, plots, ranking)
-    if opts.privacy_plot:
+    if privacy_plot:
         from snowfed.plots import plot_metric_against_epsilon
         from snowfed.sim.report import Cell, privacy_utility
 
-        series, reference = privacy_utility(runs, opts.privacy_plot, opts.metric)
-        plot_metric_against_epsilon(series, out / "privacy_utility.png", opts.metric, reference)
+        series, reference = privacy_utility(runs, privacy_plot, metric)
+        plot_metric_against_epsilon(series, out / "privacy_utility.png", metric, reference)
         for label, points in [*series.items(), ("no privacy", [(0.0, v) for v in reference])]:
             eps, values = Cell(tuple(p[0] for p in points)), Cell(tuple(p[1] for p in points))
-            print(f"{label}: epsilon {eps.mean:.2f}, {opts.metric} {values.text()} "
+            print(f"{label}: epsilon {eps.mean:.2f}, {metric} {values.text()} "
                   f"[{', '.join(f'{v:.3f}' for v in values.values)}]")
         print(f"wrote {out / 'privacy_utility.png'}")
     print(table.markdown(), end="")
@@ -154,61 +264,47 @@ def report_command(args: list[str]) -> int:
     return 0
 
 
-def prepare_command(args: list[str]) -> int:
-    """Write the federation store of the config (synthetic data, each site's labels) to DIR: the
-    folder a deployment's coordinator and partner sites use until sites load their own images."""
+@app.command(context_settings=_EXTRA_ARGS)
+def prepare(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(metavar="DIR", help="A new or empty folder.",
+                                        show_default=False)],
+) -> int:
+    """Only write the federation store: the data of a real deployment.
+
+    Validate the config (Hydra OVERRIDES after DIR) and write its federation store to DIR,
+    without training: the data of a real deployment's rehearsal (docs/deployment.md)."""
     from snowfed.sim.federation import build_store
     from snowfed.sim.runner import plain_config, validate
 
-    if not args or "=" in args[0]:
-        print("usage: snowfed prepare DIR [OVERRIDE ...]", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    out, overrides = Path(args[0]), args[1:]
     try:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError("DIR", str(out), "a new or empty folder")
-        cfg = plain_config(compose(overrides))
+        cfg = plain_config(compose(ctx.args))
         plan = validate(cfg)
     except BAD_INPUT as err:
-        print(f"snowfed: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return _bad_input(err)
     store = build_store(plan, cfg, out)
     names = ", ".join(f"{i}={n['name']}" for i, n in enumerate(store.nodes))
     print(f"wrote the store of federation {plan.name!r} to {out} (partition-id=name: {names})")
     return 0
 
 
-def run_command(args: list[str]) -> int:
-    from snowfed.sim.runner import plain_config, validate
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="Fewer rounds, steps and runs (< 3 min).")] = False,
+    only: Annotated[str, typer.Option(help="Comma-separated workloads among W1, W2, S, MEM "
+                                           "(default: all).")] = "",
+    out: Annotated[Path | None, typer.Option(help="Where the runs go (default: a temporary "
+                                                     "folder, removed).")] = None,
+) -> int:
+    """Benchmark snowfed against stock Flower and a plain PyTorch loop.
 
-    try:
-        args, parallel = _parallel_flag(args)
-    except ConfigError as err:
-        print(f"snowfed: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    if any(o.startswith("resume=") for o in overrides) and not multirun:
-        return resume_command(overrides)
-    try:
-        check_group_overrides(overrides)
-        if not multirun:
-            validate(plain_config(compose(overrides)))
-        else:  # the keys a sweep names must exist: its first job's composition says so in a line
-            compose(_first_choices(overrides))
-    except BAD_INPUT as err:
-        print(f"snowfed: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    sys.argv = ["snowfed-run", *args]
-    _SWEEP_JOBS.clear()
-    with _interrupt_exits():
-        try:
-            _hydra_run()  # a multirun only collects its jobs (`_job`); they run below, together
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-        if multirun:
-            return _run_sweep(parallel)
-    return 0
+    The same work three ways, each in a fresh process; the last line holds the ratios
+    (docs/benchmarks.md)."""
+    from snowfed.sim.bench import benchmark
+
+    return benchmark(quick, [w for w in only.split(",") if w], out)
 
 
 def _first_choices(overrides: list[str]) -> list[str]:
@@ -229,19 +325,6 @@ def _first_choices(overrides: list[str]) -> list[str]:
 
 
 _SWEEP_JOBS: list = []  # the jobs Hydra's multirun laid out (config and directory of each)
-
-
-def _parallel_flag(args: list[str]) -> tuple[list[str], int | str]:
-    """`--parallel N|auto` (a sweep's runs at once in its simulation), taken out of the args."""
-    if "--parallel" not in args:
-        return args, "auto"
-    i = args.index("--parallel")
-    value = args[i + 1] if i + 1 < len(args) else ""
-    if value != "auto":
-        if not value.isdigit():
-            raise ConfigError("--parallel", value, "auto or a whole number of runs")
-        value = int(value)
-    return args[:i] + args[i + 2 :], value
 
 
 def _run_sweep(parallel: int | str) -> int:
