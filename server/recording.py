@@ -89,5 +89,6 @@ class RoundRecorder:
 
     def record_global(self, rnd: int, metrics: dict) -> None:
         append_jsonl(self.metrics_path, [{"round": rnd, "scope": "global", **metrics}])
+        node_f1, self._node_f1 = dict(sorted(self._node_f1.items())), {}  # this round's sites
         if self.on_round is not None:
-            self.on_round(rnd, metrics, dict(sorted(self._node_f1.items())))
+            self.on_round(rnd, metrics, node_f1)

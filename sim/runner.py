@@ -180,22 +180,40 @@ def _shortcut_summary(run_dir: Path, store) -> dict:
     return shortcut_report(store, model)
 
 
-class _DropRunSimulationDeprecation(logging.Filter):
-    # run_simulation is Flower's Python entry to its simulation engine and the only one that
-    # takes a ServerApp object; its deprecation notice says nothing a snowfed user can act on.
+class _DropLines(logging.Filter):
+    """Drops the records whose message holds one of `phrases`."""
+
+    def __init__(self, *phrases: str):
+        super().__init__()
+        self.phrases = phrases
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "run_simulation" not in record.getMessage()
+        return not any(phrase in record.getMessage() for phrase in self.phrases)
 
 
-def quiet_flower(verbose: bool) -> None:
-    """Flower logs every round at INFO; snowfed prints its own progress instead."""
-    logger = logging.getLogger("flwr")
+# Lines that say nothing a snowfed user can act on. run_simulation is Flower's Python entry to its
+# simulation engine and the only one that takes a ServerApp object, and Flower calls it
+# deprecated. Ray starts in a thread (RayStart), so it says it set no SIGTERM handler: snowfed's
+# own, on the main thread, ends a run as Ctrl-C does (cli.console, ctrl_c_sets).
+_FLOWER_NOISE = _DropLines("run_simulation")
+_RAY_NOISE = _DropLines("SIGTERM handler is not set")
+
+
+def quiet_terminal(verbose: bool) -> None:
+    """snowfed prints its own progress; Flower's per-round INFO logs and Ray's start-up lines come
+    back with `verbose=true`. Called before Ray starts (`ray_started_early`, `run_engine`)."""
+    flwr, ray_logger = logging.getLogger("flwr"), logging.getLogger("ray")
+    ray_worker = logging.getLogger("ray._private.worker")  # a filter acts where a record is made
     # Flower's simulation imports alembic, whose plugin registry logs a line per plugin at INFO
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if not verbose:
-        logger.setLevel(logging.WARNING)
-        if not any(isinstance(f, _DropRunSimulationDeprecation) for f in logger.filters):
-            logger.addFilter(_DropRunSimulationDeprecation())
+    level = logging.INFO if verbose else logging.WARNING
+    flwr.setLevel(level)
+    ray_logger.setLevel(level)
+    for logger, noise in ((flwr, _FLOWER_NOISE), (ray_worker, _RAY_NOISE)):
+        if verbose:
+            logger.removeFilter(noise)
+        else:
+            logger.addFilter(noise)  # a filter already there is not added twice
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
 
 
@@ -290,10 +308,11 @@ RESUME_OVERRIDES = ("rounds", "verbose", "personalize_steps")
 
 
 def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-           federate: Federate | None = None, quiet: bool = False) -> dict[str, Any]:
+           federate: Federate | None = None, quiet: bool = False,
+           on_round: RoundHook | None = None) -> dict[str, Any]:
     """Continue the run in `run_dir` from its last checkpoint, with its own config.yaml (only
-    RESUME_OVERRIDES may change, e.g. more rounds); returns the new summary. `federate` and
-    `quiet` as for `run`."""
+    RESUME_OVERRIDES may change, e.g. more rounds); returns the new summary. `federate`,
+    `quiet` and `on_round` as for `run`."""
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     for key in overrides:
@@ -302,11 +321,11 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
                 f"may change only {', '.join(RESUME_OVERRIDES)}")
     require((run_dir / CONFIG).is_file(), "resume", str(run_dir), "a run directory (with config.yaml)")
     with run_lock(run_dir):
-        return _resume_locked(run_dir, overrides, federate, quiet)
+        return _resume_locked(run_dir, overrides, federate, quiet, on_round)
 
 
 def _resume_locked(run_dir: Path, overrides: dict[str, Any], federate: Federate | None,
-                   quiet: bool) -> dict[str, Any]:
+                   quiet: bool, on_round: RoundHook | None) -> dict[str, Any]:
     saved = load_checkpoint(run_dir)
     require(saved is not None, "resume", str(run_dir),
             "a run directory with a checkpoint.pt (this run stopped before its first round was "
@@ -321,7 +340,7 @@ def _resume_locked(run_dir: Path, overrides: dict[str, Any], federate: Federate 
     require(saved["round"] <= cfg["rounds"] and not finished, "rounds", cfg["rounds"],
             f"more than the {saved['round']} rounds this run has completed already")
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    return _run_locked(cfg, run_dir, True, federate, quiet)
+    return _run_locked(cfg, run_dir, True, federate, quiet, on_round)
 
 
 # How a federated run's rounds are carried out: (cfg, plan, store, run_dir, on_round) -> the
@@ -396,6 +415,8 @@ def _run_started(cfg: dict[str, Any], run_dir: Path, resuming: bool, federate: F
         reason = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if progress is not None:
+            progress.close()
         summary = {"status": status, "reason": reason}
         try:
             summary = finish(run_dir, store, status, earlier + time.monotonic() - start, reason)
@@ -419,8 +440,13 @@ PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
 def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """`ray.init`'s arguments for a run: the backend's `init_args`, and the ClientApp's imports
     preloaded in every worker (Ray's `preload_python_modules`; a runtime_env setup hook would
-    stop Ray from starting workers before the actors ask for them)."""
-    return {"include_dashboard": False, **backend_config(cfg["backend"])["init_args"],
+    stop Ray from starting workers before the actors ask for them). The actors' own output
+    (Flower's "Manually terminating ClientAppActor" at every shutdown) reaches the terminal with
+    `verbose=true` only: a site's failure comes back to the server as an error reply, recorded
+    in its metrics and summarised."""
+    return {"include_dashboard": False, "log_to_driver": bool(cfg.get("verbose", False)),
+            "logging_level": logging.INFO if cfg.get("verbose") else logging.WARNING,
+            **backend_config(cfg["backend"])["init_args"],
             "_system_config": {"preload_python_modules": [PRELOAD]}}
 
 
@@ -435,6 +461,7 @@ class RayStart:
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.init_args = ray_init_args(cfg)
+        quiet_terminal(bool(cfg.get("verbose", False)))
         self._ready = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
@@ -537,7 +564,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     from snowfed.client.app import app as client_app
 
     verbose = bool(cfg.get("verbose", False))
-    quiet_flower(verbose)
+    quiet_terminal(verbose)
     args = ray_init_args(cfg)
     if ray_start is not None:
         ray_start.wait()

@@ -28,19 +28,21 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from snowfed.config import ConfigError, require
+from snowfed.progress import LiveLine
 from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.app import RunInterrupted
 
 from .runner import (
     RayStart,
+    RoundHook,
     backend_config,
     plain_config,
     ray_started_early,
@@ -120,18 +122,36 @@ def _actors(cfg: dict[str, Any]) -> int:
 
 
 class SweepProgress:
-    """`sweep 4/12 | completed f1 0.812 | DIR | 3m elapsed, ~6m left` after each run."""
+    """`sweep 4/12 | completed f1 0.812 | DIR | 3m elapsed, ~6m left` as each run ends; on a
+    terminal, a live line below those: the runs done out of the total and the round of each run
+    in flight (`run_hook`)."""
 
     def __init__(self, total: int, stream: TextIO | None = None):
         self.total, self.done, self.timed = total, 0, 0
-        self.stream = stream or sys.stderr
+        self.line = LiveLine(stream, every_line=False)
+        self.stream = self.line.stream
         self.start = time.monotonic()
         self.lock = threading.Lock()
+        self.in_flight: dict[int, str] = {}  # job number -> its last round, "3/6"
 
-    def finished(self, outcome: Outcome) -> None:
+    def run_hook(self, number: int, rounds: int) -> RoundHook:
+        """The per-round callback of job `number`: its round joins the live line."""
+        def on_round(rnd: int, *_: Any) -> None:
+            with self.lock:
+                self.in_flight[number] = f"{rnd}/{rounds}"
+                self._show()
+        return on_round
+
+    def _show(self) -> None:
+        runs = " ".join(f"#{n} r{r}" for n, r in sorted(self.in_flight.items()))
+        self.line.show(f"sweep {self.done}/{self.total} done | in flight: {runs or '-'} | "
+                       f"{(time.monotonic() - self.start) / 60:.1f}m elapsed")
+
+    def finished(self, outcome: Outcome, number: int | None = None) -> None:
         with self.lock:
             self.done += 1
             self.timed += outcome.status != "skipped"
+            self.in_flight.pop(number, None)
             elapsed = time.monotonic() - self.start
             left = ""
             if self.timed and self.done < self.total:
@@ -144,8 +164,13 @@ class SweepProgress:
                 what += " not-converged" if diagnostics.get("stable") is False else ""
             if outcome.error:
                 what += f" ({outcome.error})"
-            print(f"sweep {self.done}/{self.total} | {what} | {outcome.job.run_dir} | "
-                  f"{elapsed / 60:.1f}m elapsed{left}", file=self.stream, flush=True)
+            self.line.print(f"sweep {self.done}/{self.total} | {what} | {outcome.job.run_dir} | "
+                            f"{elapsed / 60:.1f}m elapsed{left}")
+            if self.in_flight:
+                self._show()
+
+    def close(self) -> None:
+        self.line.close()
 
 
 def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO | None = None
@@ -163,6 +188,14 @@ def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
               ray_start: RayStart | None) -> list[Outcome]:
     plans = plan_jobs(jobs)
     progress = SweepProgress(len(jobs), stream)
+    try:
+        return _run_planned(jobs, plans, parallel, progress, ray_start)
+    finally:
+        progress.close()
+
+
+def _run_planned(jobs: Sequence[Job], plans: list, parallel: int | str, progress: SweepProgress,
+                 ray_start: RayStart | None) -> list[Outcome]:
     outcomes: dict[int, Outcome] = {}
     federated: dict[str, list[int]] = {}
     for i, (job, plan) in enumerate(zip(jobs, plans)):
@@ -170,8 +203,8 @@ def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
             outcomes[i] = Outcome(job, "skipped", error="done already")
             progress.finished(outcomes[i])
         elif job.cfg["aggregation"]["name"] in REFERENCES:
-            outcomes[i] = _run_job(job, federate=None)
-            progress.finished(outcomes[i])
+            outcomes[i] = _run_job(job, None, progress.run_hook(i, job.cfg["rounds"]))
+            progress.finished(outcomes[i], i)
         else:
             key = json.dumps([len(plan.hospitals), backend_config(job.cfg["backend"])], sort_keys=True)
             federated.setdefault(key, []).append(i)
@@ -186,16 +219,16 @@ def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
         print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites in one "
               f"Flower simulation, {width} at a time", file=progress.stream, flush=True)
         num_sites = len(plans[indices[0]].hospitals)
-        results = _simulate_group(group, num_sites, width, progress.finished, ray_start, stop)
+        results = _simulate_group(group, indices, num_sites, width, progress, ray_start, stop)
         ray_start = None  # used (or shut down) by the first simulation
         for i, outcome in zip(indices, results):
             outcomes[i] = outcome
     return [outcomes[i] for i in range(len(jobs))]
 
 
-def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Callable[[Outcome], None],
-                    ray_start: RayStart | None = None, stop: threading.Event | None = None
-                    ) -> list[Outcome]:
+def _simulate_group(jobs: list[Job], numbers: list[int], num_sites: int, width: int,
+                    progress: SweepProgress, ray_start: RayStart | None = None,
+                    stop: threading.Event | None = None) -> list[Outcome]:
     """One Flower simulation (Ray backend) whose ServerApp runs `jobs`, `width` at a time;
     once `stop` is set (Ctrl-C), the runs in flight end `interrupted` and no other starts."""
     from flwr.serverapp import ServerApp
@@ -214,8 +247,9 @@ def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Calla
             if stop is not None and stop.is_set():
                 outcomes[i] = Outcome(jobs[i], "interrupted", error="not started")
             else:
-                outcomes[i] = _run_job(jobs[i], federate)
-            finished(outcomes[i])
+                hook = progress.run_hook(numbers[i], jobs[i].cfg["rounds"])
+                outcomes[i] = _run_job(jobs[i], federate, hook)
+            progress.finished(outcomes[i], numbers[i])
 
         with ThreadPoolExecutor(max_workers=width, thread_name_prefix="snowfed-run") as pool:
             list(pool.map(one, range(len(jobs))))
@@ -225,15 +259,15 @@ def _simulate_group(jobs: list[Job], num_sites: int, width: int, finished: Calla
             for job, o in zip(jobs, outcomes)]
 
 
-def _run_job(job: Job, federate) -> Outcome:
+def _run_job(job: Job, federate, on_round: RoundHook) -> Outcome:
     """One run (or its resumption); a crash is recorded in the outcome, not raised, so the
     other runs of the sweep go on."""
     try:
         if job.action == "resume":
-            summary = resume(job.run_dir, federate=federate, quiet=True)
+            summary = resume(job.run_dir, federate=federate, quiet=True, on_round=on_round)
         else:
             _move_aside_unfinished(job.run_dir)
-            summary = run(job.cfg, job.run_dir, federate=federate, quiet=True)
+            summary = run(job.cfg, job.run_dir, federate=federate, quiet=True, on_round=on_round)
     except RunInterrupted:  # its summary says so; the sweep's other runs stop too
         return Outcome(job, "interrupted", error="interrupted by the user")
     except Exception as exc:  # noqa: BLE001 - reported per run; the sweep goes on

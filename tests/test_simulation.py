@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,18 +75,31 @@ def test_a_run_stopped_by_its_data_leaves_no_ray_behind(tmp_path):
     assert not ray.is_initialized()
 
 
-def test_cli_runs_the_smoke_federation(tmp_path):
+# every line a run prints by default: its progress, its outcome and its verdict (no Ray, Hydra,
+# alembic or actor lines)
+SNOWFED_LINE = re.compile(r"round \d+/\d+ \| global f1 |completed: |settled: |not judged |"
+                          r"not converged: |degenerate: ")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
     run_dir = tmp_path / "cli-run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=1",
-         f"run_dir={run_dir}"],
+         f"run_dir={run_dir}", f"verbose={str(verbose).lower()}"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 1/1" in proc.stderr  # the live progress display
+    assert "round 1/1" in proc.stderr  # the progress display
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+    others = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if not SNOWFED_LINE.match(line)]
+    if verbose:  # Flower's own per-round logs come back
+        assert any("INFO" in line for line in others), others
+    else:
+        assert others == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
