@@ -38,15 +38,18 @@ def main(grid: Grid, context: Context) -> None:
     cfg = plain_config(compose(overrides))
     run_dir = Path(str(context.run_config.get("run-dir", "")) or cfg["run_dir"]).resolve()
     store_dir = str(context.run_config.get("store", ""))
-    if store_dir:
-        plan, store = validate(cfg), _coordinator_store(cfg, Path(store_dir), run_dir)
-    else:
-        plan, store = prepare(cfg, run_dir)
+    plan = validate(cfg)
+    store = _coordinator_store(cfg, Path(store_dir), run_dir) if store_dir else None
     num_nodes = _wait_for_nodes(grid, len(plan.hospitals), NODES_WAIT_S if store_dir else 0.0)
-    if num_nodes != len(plan.hospitals):
-        raise ConfigError("options.num-supernodes" if not store_dir else "connected SuperNodes",
-                          num_nodes, f"{len(plan.hospitals)}, the number of hospitals of "
-                          f"federation {plan.name!r}")
+    if num_nodes != len(plan.hospitals) and store_dir:
+        raise ConfigError("connected SuperNodes", num_nodes, f"{len(plan.hospitals)}, the number "
+                          f"of hospitals of federation {plan.name!r}")
+    if num_nodes != len(plan.hospitals):  # Flower's local simulation has 2 SuperNodes by default
+        raise ConfigError("the simulation's SuperNodes", num_nodes, f"{len(plan.hospitals)}, the "
+                          f"number of hospitals of federation {plan.name!r}: run `flwr federation "
+                          f"{simulation_config_command(len(plan.hospitals))}`, then flwr run again")
+    if store is None:  # simulation: the virtual federation's store, once the nodes are right
+        plan, store = prepare(cfg, run_dir)
     start, status, reason = time.monotonic(), "failed", None
     try:
         result = run_federation(grid, cfg, store, run_dir, share_store=not store_dir)
@@ -59,6 +62,12 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         finish(run_dir, store, status, time.monotonic() - start, reason)
     print(f"snowfed: run directory {run_dir}")
+
+
+def simulation_config_command(num_sites: int) -> str:
+    """The `flwr federation` subcommand that gives Flower's local simulation `num_sites`
+    SuperNodes (Flower 1.41 keeps it in $FLWR_HOME/config.toml, not in pyproject)."""
+    return f"simulation-config @none/default local --num-supernodes {num_sites}"
 
 
 def _coordinator_store(cfg: dict[str, Any], path: Path, run_dir: Path) -> FederationStore:

@@ -65,3 +65,25 @@ def test_flwr_run_local_simulation(flwr_env, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert set(summary["nodes"]) == {"alpha", "beta"}
+
+
+def test_flwr_run_with_more_hospitals_than_supernodes_prints_the_fix(flwr_env, tmp_path):
+    """Flower's local simulation has 2 SuperNodes; four hospitals stop the run with the exact
+    command that gives it 4, and after that command the same `flwr run` completes."""
+    flwr = shutil.which("flwr", path=flwr_env["PATH"])
+    run_config = (f"overrides='rounds=1 strategy.local_steps=2' "
+                  f"run-dir='{tmp_path / 'four'}'")
+    first = subprocess.run([flwr, "run", ".", "--stream", "--run-config", run_config], cwd=REPO,
+                           env=flwr_env, capture_output=True, text=True, timeout=400)
+    said = first.stdout + first.stderr
+    assert "run `flwr federation simulation-config" in said, said[-3000:]
+    fix = said.split("run `flwr federation ", 1)[1].split("`", 1)[0]
+    assert fix.endswith("--num-supernodes 4")
+    subprocess.run([flwr, "federation", *fix.split()], cwd=REPO, env=flwr_env, check=True,
+                   capture_output=True, timeout=60)
+    assert not (tmp_path / "four").exists()  # refused before anything was made
+    second = subprocess.run([flwr, "run", ".", "--stream", "--run-config", run_config], cwd=REPO,
+                            env=flwr_env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads((tmp_path / "four" / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["nodes"]) == 4
