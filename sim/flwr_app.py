@@ -23,6 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from snowfed.config import ConfigError, compose, require
+from snowfed.progress import RoundProgress
 from snowfed.server.app import FederationStopped, run_federation
 from snowfed.store import FederationStore
 
@@ -51,8 +52,10 @@ def main(grid: Grid, context: Context) -> None:
     if store is None:  # simulation: the virtual federation's store, once the nodes are right
         plan, store = prepare(cfg, run_dir)
     start, status, reason = time.monotonic(), "failed", None
+    progress = RoundProgress(cfg["rounds"])  # the lines of `snowfed run`, in flwr's log stream
     try:
-        result = run_federation(grid, cfg, store, run_dir, share_store=not store_dir)
+        result = run_federation(grid, cfg, store, run_dir, progress.update,
+                                share_store=not store_dir)
         status = "completed" if result.rounds_completed == cfg["rounds"] else "failed"
     except FederationStopped as stop:  # too few sites replied: a result, not a crash
         reason = str(stop)
@@ -60,6 +63,7 @@ def main(grid: Grid, context: Context) -> None:
         reason = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        progress.close()
         finish(run_dir, store, status, time.monotonic() - start, reason)
     print(f"snowfed: run directory {run_dir}")
 

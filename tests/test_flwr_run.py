@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+# docs/deployment.md's way to stop the SuperLink `flwr run` started: by its PID
+STOP_SUPERLINK = next(block for block in re.findall(r"```bash\n(.*?)```", (
+    REPO / "docs" / "deployment.md").read_text(), flags=re.S) if "pgrep" in block)
 
 
 def _superlinks() -> set[int]:
@@ -38,17 +42,17 @@ def flwr_env(tmp_path):
            # environment per run (downloading torch) before starting the ServerApp.
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     yield env
-    for pid in _superlinks() - before:  # the managed SuperLink this test started
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    time.sleep(1)
-    for pid in _superlinks() - before:
+    stopped = subprocess.run(["bash", "-c", STOP_SUPERLINK], env=env, capture_output=True,
+                             text=True, timeout=30)
+    deadline = time.monotonic() + 20  # the SuperLink shuts down in order on SIGTERM
+    while (left := _superlinks() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:  # what the documented stop missed, so that no test leaves one behind
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    assert stopped.returncode == 0 and not left, f"the documented stop left {left}: {stopped}"
 
 
 def test_flwr_run_local_simulation(flwr_env, tmp_path):
@@ -65,6 +69,7 @@ def test_flwr_run_local_simulation(flwr_env, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert set(summary["nodes"]) == {"alpha", "beta"}
+    assert "round 2/2 | global f1" in proc.stdout + proc.stderr  # snowfed's per-round lines
 
 
 def test_flwr_run_with_more_hospitals_than_supernodes_prints_the_fix(flwr_env, tmp_path):
