@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from snowfed.config import ConfigError, require, require_int, require_keys, require_number
-from snowfed.plots import plot_f1_per_round
+from snowfed.plots import noise_label, plot_f1_per_round
 from snowfed.progress import RoundProgress
 from snowfed.rundir import (
     CONFIG,
@@ -160,7 +160,8 @@ def finish(run_dir: Path, store, status: str, wall_time_s: float, reason: str | 
     if shortcut:
         summary["shortcut"] = shortcut
     atomic_write_json(run_dir / SUMMARY, summary)
-    plot_f1_per_round(records, run_dir / F1_PLOT, {n: f["noise_profile"] for n, f in facts.items()})
+    plot_f1_per_round(records, run_dir / F1_PLOT,
+                      {n: noise_label(f["noise_profile"], f["noise"]) for n, f in facts.items()})
     return summary
 
 

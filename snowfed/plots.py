@@ -10,10 +10,55 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .rundir import atomic_write_bytes  # noqa: E402
 
 MAX_NODE_LEGEND = 12
+
+
+def noise_label(profile: str, noise: Any) -> str:
+    """A site's legend entry for its label noise: the profile and the parameters that act, e.g.
+    `symmetric rate 0.4`, `noisy p_remove 0.5`, `noisy_hd p_remove 0.5 sigma 4 simplify 8`,
+    `bb bounding box`; a list of specs is that many annotators."""
+    if isinstance(noise, list):
+        return f"{profile}: {len(noise)} annotators"
+    if not isinstance(noise, dict):
+        return profile
+    if isinstance(noise.get("noise"), list):  # annotators with their fusion
+        return f"{profile}: {len(noise['noise'])} annotators, {noise.get('fusion', 'majority')}"
+    parts = [f"{key} {noise[key]:g}" for key in ("rate", "p_remove", "sigma")
+             if isinstance(noise.get(key), (int, float)) and not isinstance(noise.get(key), bool)
+             and noise[key]]
+    if isinstance(noise.get("rate"), list):
+        parts.append(f"rate {noise['rate'][0]:g}-{noise['rate'][-1]:g}")
+    if (noise.get("simplify_every") or 1) > 1:
+        parts.append(f"simplify {noise['simplify_every']}")
+    if noise.get("bounding_box"):
+        parts.append("bounding box")
+    return " ".join([profile, *parts]) if parts else profile
+
+
+def _node_curves(records: list[dict[str, Any]], name: str, phase: str, key: str):
+    return sorted((r["round"], r[key]) for r in records
+                  if r.get("scope") == "node" and r["node"] == name and r.get("phase") == phase
+                  and key in r)
+
+
+def _band(ax, curves: list[list[tuple[int, float]]], label: str) -> None:
+    """Many sites: the median per round and the band between the quartiles."""
+    import numpy as np
+
+    by_round: dict[int, list[float]] = {}
+    for curve in curves:
+        for rnd, value in curve:
+            by_round.setdefault(rnd, []).append(value)
+    rounds = sorted(by_round)
+    if not rounds:
+        return
+    q1, median, q3 = (np.array([np.percentile(by_round[r], q) for r in rounds]) for q in (25, 50, 75))
+    ax.fill_between(rounds, q1, q3, color="tab:blue", alpha=0.25, lw=0, label="sites: quartiles")
+    ax.plot(rounds, median, "-", marker=".", color="tab:blue", lw=1.5, label=label)
 
 
 def plot_f1_per_round(
@@ -21,42 +66,44 @@ def plot_f1_per_round(
 ) -> None:
     """Left: global F1 on the clean test set per round (bold) and the global model's F1 on each
     node's clean held-out split. Right: each node's locally trained model on the same split
-    (`local-f1`), where a node's own label noise shows. `node_labels` adds e.g. the noise
-    profile to a node's legend entry."""
+    (`local-f1`), where a node's own label noise shows. `node_labels` names each node's noise
+    (`noise_label`) in the legend; past MAX_NODE_LEGEND nodes, their median and quartiles."""
+    _save(f1_figure(records, node_labels), path)
+
+
+def f1_figure(records: list[dict[str, Any]], node_labels: dict[str, str] | None = None):
+    """The figure of `plot_f1_per_round`."""
     node_labels = node_labels or {}
-    fig, (ax_global, ax_local) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, sharey=True)
+    fig, (ax_global, ax_local) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110, sharey=True,
+                                              layout="constrained")
     glob = sorted((r["round"], r["f1"]) for r in records if r.get("scope") == "global" and "f1" in r)
     if glob:
         ax_global.plot(*zip(*glob), "-o", color="black", lw=2.5, label="global (clean test set)")
     nodes = sorted({r["node"] for r in records if r.get("scope") == "node"})
-    many = len(nodes) > MAX_NODE_LEGEND  # many virtual sites: thin grey curves, no legend entries
-    for color, name in zip(plt.cm.tab10.colors * 10, nodes):
-        label = f"{name} ({node_labels[name]})" if name in node_labels else name
-        color, label = ("0.6", None) if many else (color, label)
-        for ax, phase, key in ((ax_global, "evaluate", "f1"), (ax_local, "train", "local-f1")):
-            pts = sorted(
-                (r["round"], r[key])
-                for r in records
-                if r.get("scope") == "node" and r["node"] == name and r.get("phase") == phase
-                and key in r
-            )
-            if pts:
-                ax.plot(*zip(*pts), "--", marker=".", lw=1.2, color=color, label=label)
-    suffix = f" ({len(nodes)} nodes, grey)" if many else ""
-    ax_global.set_title(f"global model: clean test set, and each node's clean split{suffix}")
-    ax_local.set_title("each node's model after local training, on its clean split")
+    panels = ((ax_global, "evaluate", "f1"), (ax_local, "train", "local-f1"))
+    if len(nodes) > MAX_NODE_LEGEND:
+        for ax, phase, key in panels:
+            _band(ax, [_node_curves(records, n, phase, key) for n in nodes],
+                  f"sites: median of {len(nodes)}")
+    else:
+        for color, name in zip(plt.cm.tab10.colors * 10, nodes):
+            label = f"{name} ({node_labels[name]})" if name in node_labels else name
+            for ax, phase, key in panels:
+                pts = _node_curves(records, name, phase, key)
+                if pts:
+                    ax.plot(*zip(*pts), "-", marker=".", lw=1.2, color=color, label=label)
+    ax_global.set_title("global model: clean test set, and each node's clean split", wrap=True)
+    ax_local.set_title("each node's own model after local training, on its clean split",
+                       wrap=True)
     for ax in (ax_global, ax_local):
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="lower right")
     ax_global.set_ylabel("F1 (pixel F1; macro F1 for classification)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return fig
 
 
 def plot_metric_against_epsilon(
@@ -150,11 +197,11 @@ def plot_metric_per_round(
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("round (0 = initial model)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.set_ylabel(f"global {metric} (clean test set)")
     fig.suptitle(f"Global {metric} per round by {row_key}: mean over runs, band min..max",
-                 fontsize=11)
+                 fontsize=11, wrap=True)
     _save(fig, path)
 
 
