@@ -184,7 +184,14 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
     require_keys(fed, FEDERATION_KEYS, "federation", "a key of a federation over a loaded dataset",
                  "test_images_per_site, num_images and appearance are for dataset=synthetic")
     sites_cfg = expand_hospitals(fed.get("hospitals"))
-    require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one hospital")
+    part = {k: v for k, v in (fed.get("partition") or {}).items() if v is not None}
+    if not sites_cfg and dataset.site is not None:  # the folders are the hospitals, as they are
+        require(part.get("scheme", "natural") == "natural", "federation.partition.scheme",
+                part.get("scheme"), "natural (or unset) when federation.hospitals lists none: each "
+                "site folder is a hospital")
+        sites_cfg, part["scheme"] = [{"name": str(n)} for n in sorted(set(dataset.site))], "natural"
+    require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one "
+            "hospital (none: one per site folder, with dataset.layout=sites)")
     require_int(cfg.get("rounds"), "rounds", 1)
     C = dataset.num_classes
     global_noise = cfg.get("noise")
@@ -221,7 +228,6 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
             shortcut=_shortcut(h.get("shortcut"), f"{key}.shortcut", task, C),
         ))
     # unset (null) keys are left to the partitioner's defaults, so one yaml lists them all
-    part = {k: v for k, v in (fed.get("partition") or {}).items() if v is not None}
     scheme = part.pop("scheme", "iid")
     require(scheme in SCHEMES, "federation.partition.scheme", scheme, f"one of {', '.join(SCHEMES)}")
     if scheme == "natural":

@@ -69,3 +69,20 @@ def test_a_shortcut_needs_classification(tmp_path):
 
     with pytest.raises(ConfigError, match="shortcut"):
         _store(tmp_path, "[{name: a, shortcut: {class: 1}}, {name: b}]")
+
+
+def test_folder_silos_takes_its_hospitals_from_the_site_folders(tmp_path):
+    for site, n in (("hosp_north", 10), ("hosp_south", 6)):
+        _glas_folder(tmp_path / "sites" / site, n=n)
+    base = ["dataset=seg_folder", f"dataset.path={tmp_path / 'sites'}", "dataset.layout=sites",
+            "federation=folder_silos", "model.width=8", "strategy.tile_size=32"]
+    store = prepare(plain_config(compose([*base, "noise=noisy"])), tmp_path / "run")[1]
+    nodes = {n["name"]: n for n in store.nodes}
+    assert set(nodes) == {"hosp_north", "hosp_south"}  # named as their folders
+    sizes = {name: n["num_train"] + n["num_val"] for name, n in nodes.items()}
+    assert sizes["hosp_north"] > sizes["hosp_south"]  # each keeps its own images
+    assert all(n["noise_profile"] == "noisy" for n in nodes.values())
+    from snowfed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.partition.scheme"):
+        prepare(plain_config(compose([*base, "federation.partition.scheme=iid"])), tmp_path / "r2")
