@@ -51,7 +51,7 @@ AGGREGATIONS = (*FEDERATED, *REFERENCES)
 
 # Keys every aggregation config has; the rest are the chosen strategy's own parameters.
 COMMON = {
-    "fraction_train": (0.0, 1.0),
+    "fraction_train": (0.0, 1.0, True),  # above 0: a round that samples no site only fails
     "fraction_evaluate": (0.0, 1.0),
     "min_train_nodes": 1,
     "min_evaluate_nodes": 0,

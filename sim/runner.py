@@ -80,6 +80,8 @@ def validate(cfg: Mapping[str, Any]):
     validate_logger(cfg)
     _validate_privacy(cfg, plan)
     aggregation = cfg["aggregation"]["name"]
+    require(isinstance(cfg.get("verbose", False), bool), "verbose", cfg.get("verbose"),
+            "true or false")
     steps = require_int(cfg.get("personalize_steps", 0), "personalize_steps", 0)
     require(not (steps and aggregation == "local"), "personalize_steps", steps,
             "0 with aggregation=local (each site's model is already its own)")

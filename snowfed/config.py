@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_PACKAGE = "snowfed.configs"
 GROUPS = (
@@ -138,7 +138,10 @@ def _keys_at(parent: str, overrides: Sequence[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - the hint is best effort; the error names the key anyway
         node = hydra_compose(config_name="config")
     for part in filter(None, parent.split(".")):
-        node = node.get(part) if hasattr(node, "get") else None
+        if isinstance(node, ListConfig):  # a list's items by index (federation.hospitals.0)
+            node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        else:
+            node = node.get(part) if hasattr(node, "get") else None
     keys = [str(k) for k in node if k != "hydra"] if hasattr(node, "keys") else []
     return keys + [g for g in GROUPS if g not in keys] if not parent else keys
 
@@ -166,15 +169,17 @@ def require_int(value: Any, key: str, minimum: int) -> int:
 
 
 def require_number(
-    value: Any, key: str, low: float | None = None, high: float | None = None
+    value: Any, key: str, low: float | None = None, high: float | None = None,
+    low_open: bool = False,
 ) -> float:
-    """A real number in [low, high] (either bound optional)."""
+    """A real number in [low, high] (either bound optional; `low_open`: above low, not at it)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    ok = ok and (low is None or value > low or (value == low and not low_open))
+    ok = ok and (high is None or value <= high)
     if low is not None and high is not None:
-        allowed = f"a number in [{low}, {high}]"
+        allowed = f"a number in {'(' if low_open else '['}{low}, {high}]"
     elif low is not None:
-        allowed = f"a number >= {low}"
+        allowed = f"a number {'>' if low_open else '>='} {low}"
     else:
         allowed = "a number"
     require(ok, key, value, allowed)

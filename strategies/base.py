@@ -96,7 +96,7 @@ class StrategySpec:
         }
         return cls(
             name=str(cfg.get("name", "custom")),
-            lr=require_number(cfg.get("lr"), f"{key}.lr", low=0.0),
+            lr=require_number(cfg.get("lr"), f"{key}.lr", low=0.0, low_open=True),
             local_steps=require_int(cfg.get("local_steps"), f"{key}.local_steps", 1),
             batch_size=require_int(cfg.get("batch_size"), f"{key}.batch_size", 1),
             tile_size=require_int(cfg.get("tile_size"), f"{key}.tile_size", 4),
