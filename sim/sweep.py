@@ -186,8 +186,9 @@ def run_sweep(jobs: Sequence[Job], parallel: int | str = "auto", stream: TextIO 
 
 def _run_jobs(jobs: Sequence[Job], parallel: int | str, stream: TextIO | None,
               ray_start: RayStart | None) -> list[Outcome]:
-    plans = plan_jobs(jobs)
     progress = SweepProgress(len(jobs), stream)
+    progress.line.print(f"sweep: {len(jobs)} runs; checking every config before the first starts")
+    plans = plan_jobs(jobs)
     try:
         return _run_planned(jobs, plans, parallel, progress, ray_start)
     finally:
