@@ -110,7 +110,8 @@ def _complete(argv: list[str]) -> int:
         os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(" run", "", 1)
         return _hydra(argv, False, "auto")
     typed = words[1] if len(words) > 1 else ""
-    print(" ".join(c for c in ("run", "report", "prepare", "bench") if c.startswith(typed)))
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    print(" ".join(c for c in commands if c.startswith(typed)))
     return 0
 
 
