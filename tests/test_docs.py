@@ -121,4 +121,5 @@ def test_the_quick_start_sweep_and_report_run(tmp_path, monkeypatch):
     assert main(shlex.split(report)[1:]) == 0
     out = Path(shlex.split(report)[2])
     assert (out / "report.md").exists() and (out / "metric_per_round.png").exists()
-    assert len(list(out.glob("*/summary.json"))) == 4  # 2 strategies x 2 seeds
+    assert len(list(out.glob("*/summary.json"))) == 6  # 3 strategies x 2 seeds
+    assert (out / "critical_difference.png").exists()
