@@ -84,7 +84,7 @@ def test_every_aggregation_name_has_a_config_file():
 @pytest.mark.parametrize(
     ("change", "nodes", "key", "allowed"),
     [
-        ({"fraction_train": 1.5}, 3, "aggregation.fraction_train", "[0.0, 1.0]"),
+        ({"fraction_train": 1.5}, 3, "aggregation.fraction_train", "(0.0, 1.0]"),
         ({"name": "fedsomething"}, 3, "aggregation.name", "fedavg"),
         ({"min_train_nodes": 5}, 3, "aggregation.min_train_nodes", "at most the number of sites (3)"),
         ({"name": "bulyan"}, 2, "aggregation.name", "4*num_malicious_nodes+3 = 3"),
