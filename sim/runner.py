@@ -438,6 +438,19 @@ def _earlier_wall_time(run_dir: Path) -> float:
 
 
 PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
+# After a kill -9 of the driver, Ray's dashboard and runtime-env agents see the raylet gone within
+# 2 s, then report it to the (dead) GCS and wait out its reconnect timeout before they exit: 60 s
+# by Ray's default, measured 45-105 s here with 200 MB held. A local GCS answers in milliseconds,
+# so 10 s costs a live run nothing; with it every process was gone 15 s after the kill
+# (tests/test_resume_failures.py::test_kill_9_leaves_no_ray_process_behind). The agents read it
+# from the environment only (not from ray.init's _system_config, measured); a value the user set
+# is kept.
+GCS_RECONNECT_TIMEOUT = ("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
+
+
+def ray_environment() -> None:
+    """What every Ray process started from here inherits (set before ray.init)."""
+    os.environ.setdefault(*GCS_RECONNECT_TIMEOUT)
 
 
 def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -465,6 +478,7 @@ class RayStart:
     def __init__(self, cfg: Mapping[str, Any]):
         self.init_args = ray_init_args(cfg)
         quiet_terminal(bool(cfg.get("verbose", False)))
+        ray_environment()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
@@ -574,6 +588,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
         if ray_start.init_args != args:  # started for another run's backend
             ray.shutdown()
     if not ray.is_initialized():
+        ray_environment()
         ray.init(**args)
     # The actors have the CPUs (one thread each): the server's evaluation, which runs while they
     # train, takes one thread too, rather than OpenMP threads spinning against the actors.

@@ -19,3 +19,22 @@ def smoke_store(smoke_cfg, tmp_path):
 
     _, store = prepare(smoke_cfg, tmp_path / "run")
     return store
+
+
+def ray_processes() -> set[int]:
+    """The PIDs of this machine's Ray processes (raylet, GCS, workers, agents)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|default_worker"],
+                         capture_output=True, text=True)
+    return {int(pid) for pid in out.stdout.split()}
+
+
+def wait_until_gone(pids: set[int], within_s: float) -> set[int]:
+    """The PIDs among `pids` still running after `within_s` seconds (fewer checks if all go)."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while (left := pids & ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

@@ -83,8 +83,11 @@ SNOWFED_LINE = re.compile(r"round \d+/\d+ \| global f1 |completed: |settled: |no
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
+    from tests.conftest import ray_processes, wait_until_gone
+
     run_dir = tmp_path / "cli-run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    before = ray_processes()
     proc = subprocess.run(
         [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=1",
          f"run_dir={run_dir}", f"verbose={str(verbose).lower()}"],
@@ -100,6 +103,8 @@ def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
         assert any("INFO" in line for line in others), others
     else:
         assert others == []
+    # nothing the run started outlives it by more than 10 s (new Ray processes since it began)
+    assert not wait_until_gone(ray_processes() - before, 10.0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
