@@ -38,3 +38,23 @@ def wait_until_gone(pids: set[int], within_s: float) -> set[int]:
     while (left := pids & ray_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def start_smoke_run(run_dir, until: str):
+    """`snowfed run federation=smoke rounds=50` in a process of its own, returned once its
+    progress printed a line starting with `until` (e.g. "round 2/") or 240 s passed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=50",
+         f"run_dir={run_dir}"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:
+        if line.startswith(until) or time.monotonic() > deadline:
+            break
+    return proc

@@ -176,19 +176,11 @@ def test_personalisation_reports_global_and_fine_tuned_models_per_site(tmp_path)
 def test_kill_9_leaves_no_ray_process_behind(tmp_path):
     """kill -9 of the driver: Ray's processes die with it (PDEATHSIG), its agents within 30 s
     (sim.runner.GCS_RECONNECT_TIMEOUT; Ray's default kept them 45-105 s)."""
-    from tests.conftest import ray_processes, wait_until_gone
+    from tests.conftest import ray_processes, start_smoke_run, wait_until_gone
 
     before = ray_processes()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=50",
-         f"run_dir={tmp_path / 'killed'}"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_smoke_run(tmp_path / "killed", until="round 1/")
     try:
-        deadline = time.monotonic() + 240
-        for line in proc.stderr:
-            if line.startswith("round 1/") or time.monotonic() > deadline:
-                break
         started = ray_processes() - before
     finally:
         proc.kill()

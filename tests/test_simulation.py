@@ -109,19 +109,11 @@ def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
-    import time
+    from tests.conftest import start_smoke_run
 
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=50",
-         f"run_dir={run_dir}"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_smoke_run(run_dir, until="round 2/")  # the second round completed
     try:
-        deadline = time.monotonic() + 240
-        for line in proc.stderr:  # wait for the second round to complete
-            if line.startswith("round 2/") or time.monotonic() > deadline:
-                break
         proc.send_signal(signum)
         rest = proc.stderr.read()  # Flower ends the simulation in order (sim.runner.ctrl_c_sets)
         assert proc.wait(timeout=120) == 130, rest[-3000:]
