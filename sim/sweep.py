@@ -129,7 +129,6 @@ class SweepProgress:
     def __init__(self, total: int, stream: TextIO | None = None):
         self.total, self.done, self.timed = total, 0, 0
         self.line = LiveLine(stream, every_line=False)
-        self.stream = self.line.stream
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.in_flight: dict[int, str] = {}  # job number -> its last round, "3/6"
@@ -217,8 +216,8 @@ def _run_planned(jobs: Sequence[Job], plans: list, parallel: int | str, progress
                 outcomes[i] = Outcome(jobs[i], "interrupted", error="not started")
             continue
         width = parallel_runs(parallel, group, [plans[i] for i in indices])
-        print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites in one "
-              f"Flower simulation, {width} at a time", file=progress.stream, flush=True)
+        progress.line.print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites "
+                            f"in one Flower simulation, {width} at a time")
         num_sites = len(plans[indices[0]].hospitals)
         results = _simulate_group(group, indices, num_sites, width, progress, ray_start, stop)
         ray_start = None  # used (or shut down) by the first simulation

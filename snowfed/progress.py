@@ -59,10 +59,6 @@ class RoundProgress:
         self.last: float | None = None
         self.durations: list[float] = []
 
-    @property
-    def stream(self) -> TextIO:
-        return self.line.stream
-
     def update(self, rnd: int, global_metrics: dict, node_f1: dict[str, float]) -> None:
         now = time.monotonic()
         if rnd > 0 and self.last is not None:
