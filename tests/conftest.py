@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from snowfed.config import compose
@@ -21,23 +23,43 @@ def smoke_store(smoke_cfg, tmp_path):
     return store
 
 
-def ray_processes() -> set[int]:
-    """The PIDs of this machine's Ray processes (raylet, GCS, workers, agents)."""
+RAY_PROCESS = re.compile(r"ray::|raylet|gcs_server|default_worker")
+
+
+def _ray_process_lines() -> dict[int, str]:
+    """This machine's live Ray processes (raylet, GCS, workers, agents): PID -> `ps` line.
+
+    Zombies are left out: an exited process whose parent has not reaped it yet holds no
+    memory, and in a container whose PID 1 does not reap, Ray's exited workers stay zombies
+    for good (pgrep matches them by their `ray::` name, so it cannot be used here)."""
     import subprocess
 
-    out = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server|default_worker"],
-                         capture_output=True, text=True)
-    return {int(pid) for pid in out.stdout.split()}
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,rss=,args="], capture_output=True,
+                         text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        pid, stat, _rss, args = (line.split(None, 3) + [""])[:4]
+        if not stat.startswith("Z") and RAY_PROCESS.search(args):
+            found[int(pid)] = line.strip()[:200]
+    return found
 
 
-def wait_until_gone(pids: set[int], within_s: float) -> set[int]:
-    """The PIDs among `pids` still running after `within_s` seconds (fewer checks if all go)."""
+def ray_processes() -> set[int]:
+    """The PIDs of this machine's live Ray processes."""
+    return set(_ray_process_lines())
+
+
+def wait_until_gone(pids: set[int], within_s: float) -> dict[int, str]:
+    """Those of `pids` still running after `within_s` seconds, with their `ps` lines (state,
+    RSS in KiB, command) for the failure message."""
     import time
 
     deadline = time.monotonic() + within_s
-    while (left := pids & ray_processes()) and time.monotonic() < deadline:
+    while True:
+        left = {pid: line for pid, line in _ray_process_lines().items() if pid in pids}
+        if not left or time.monotonic() >= deadline:
+            return left
         time.sleep(0.5)
-    return left
 
 
 def start_smoke_run(run_dir, until: str):
