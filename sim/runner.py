@@ -446,11 +446,20 @@ PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
 # from the environment only (not from ray.init's _system_config, measured); a value the user set
 # is kept.
 GCS_RECONNECT_TIMEOUT = ("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
+# Ray 2.55 turns `_node_ip_address="127.0.0.1"` into the machine's routable address, and its
+# GCS, raylet and workers then listen on every interface (measured with `ss -ltnp`). With this
+# switch of Ray's own (meant for one-machine Ray on Windows and macOS; Ray reads it when it is
+# imported) the node's address is 127.0.0.1 and every one of them listens on the loopback only.
+LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def ray_environment() -> None:
-    """What every Ray process started from here inherits (set before ray.init)."""
+    """What every Ray process started from here inherits. Set before Ray is imported: a Ray
+    started by this process for a local simulation listens on 127.0.0.1 only, unless the user
+    points Ray at a cluster (RAY_ADDRESS) or sets the switch. A user's own values are kept."""
     os.environ.setdefault(*GCS_RECONNECT_TIMEOUT)
+    if "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault(*LOOPBACK_ONLY)
 
 
 def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -574,6 +583,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     in this interpreter): the worker processes Ray starts at init, which have imported the
     ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
     up and shuts Ray down when the simulation ends. `stop`: set by Ctrl-C (`ctrl_c_sets`)."""
+    ray_environment()
     import ray
     import torch
     from flwr.simulation import run_simulation
@@ -588,7 +598,6 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
         if ray_start.init_args != args:  # started for another run's backend
             ray.shutdown()
     if not ray.is_initialized():
-        ray_environment()
         ray.init(**args)
     # The actors have the CPUs (one thread each): the server's evaluation, which runs while they
     # train, takes one thread too, rather than OpenMP threads spinning against the actors.

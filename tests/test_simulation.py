@@ -107,6 +107,38 @@ def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
         assert not wait_until_gone(ray_processes() - before, 10.0)
 
 
+LISTENERS = """
+import json, psutil
+from snowfed.config import compose
+from snowfed.sim.runner import RayStart, plain_config
+start = RayStart(plain_config(compose(["federation=smoke"])))
+start.wait()
+found = [(proc.name(), conn.laddr.ip)
+         for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]
+         for conn in proc.net_connections("inet") if conn.status == psutil.CONN_LISTEN]
+start.close()
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("cluster_switch", [None, "1"])
+def test_a_local_simulations_ray_listens_on_the_loopback_only(cluster_switch):
+    """Every listening socket of the Ray a run starts (GCS, raylet, agents, workers, the driver's
+    own) is on 127.0.0.1; with Ray's cluster switch set back by the user, on every interface."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if cluster_switch is not None:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = cluster_switch
+    proc = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    names = {name for name, _ in found}
+    assert {"gcs_server", "raylet"} <= names, found
+    loopback = [ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip in found]
+    assert all(loopback) if cluster_switch is None else not any(loopback), found
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
     from tests.conftest import start_smoke_run
