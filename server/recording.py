@@ -19,9 +19,29 @@ NODE_KEY = "partition-id"  # every node reply carries its partition id among its
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+# "RuntimeError: ..." or "torch.OutOfMemoryError: ...": an exception's type and message at the
+# start of a line of a traceback
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Warning|Exit|"
+                     r"Interrupt)\w*: .+$", re.MULTILINE)
+# the exceptions Ray and Flower wrap a ClientApp's own in
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+
+
 def plain_text(reason: str) -> str:
     """An error reason without the terminal colour codes Ray puts in its exception text."""
     return _ANSI.sub("", reason)
+
+
+def site_error(reason: str) -> dict[str, str]:
+    """A site's error reply as a record's fields: `error`, the exception the site raised (its
+    type and message, one line), and `traceback`, the whole plain-text reason Flower sent (Ray's
+    traceback of the actor). A reason with no such line (a timeout, Flower's own) is kept whole."""
+    text = plain_text(reason).strip()
+    raised = [line for line in _RAISED.findall(text)
+              if not any(wrapper in line.split(":", 1)[0] for wrapper in _WRAPPERS)]
+    if not raised:
+        return {"error": text}
+    return {"error": raised[0], "traceback": text}
 
 
 class RoundRecorder:
@@ -61,7 +81,7 @@ class RoundRecorder:
             src = msg.metadata.src_node_id
             if msg.has_error():
                 records.append({"round": rnd, "scope": "node", "node": self.name_of(src),
-                                "phase": phase, "error": plain_text(msg.error.reason)})
+                                "phase": phase, **site_error(msg.error.reason)})
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             name = self.node_names[int(metrics.pop(NODE_KEY))]

@@ -110,7 +110,9 @@ def _failure(spec: Any, key: str) -> dict[str, Any] | None:
     for r in listed:
         require_int(r, f"{key}.rounds", 1)
     mode = spec.get("mode", "raise")
-    require(mode in FAILURE_MODES, f"{key}.mode", mode, f"one of {', '.join(FAILURE_MODES)}")
+    require(mode in FAILURE_MODES, f"{key}.mode", mode, f"one of {', '.join(FAILURE_MODES)}"
+            + (" (quote it, mode:'nan': a bare nan is read as a number)"
+               if isinstance(mode, float) else ""))
     stall_s = require_number(spec.get("stall_s", 0.0), f"{key}.stall_s", low=0.0)
     require(mode != "stall" or stall_s > 0, f"{key}.stall_s", stall_s, "> 0 with mode stall")
     return {"rounds": [int(r) for r in listed], "mode": mode, "stall_s": stall_s}

@@ -42,6 +42,7 @@ from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.privacy import CENTRAL
 from snowfed.server.privacy import PARAMS as CENTRAL_PARAMS
 from snowfed.server.quality import quality_report
+from snowfed.sim.processes import end_children, ray_environment
 from snowfed.store import FederationStore
 from snowfed.tracking import RunTracking, validate_logger
 
@@ -199,6 +200,21 @@ class _DropLines(logging.Filter):
 # deprecated. Ray starts in a thread (RayStart), so it says it set no SIGTERM handler: snowfed's
 # own, on the main thread, ends a run as Ctrl-C does (cli.console, ctrl_c_sets).
 _FLOWER_NOISE = _DropLines("run_simulation")
+
+
+class _DropSiteErrors(logging.Filter):
+    """Drops Flower's ERROR records of a site's exception (its Ray backend's notice, the
+    exception and its traceback): Flower turns it into the site's error reply, which snowfed
+    records (metrics.jsonl: the exception's line, and the traceback) and the run's last lines
+    name. With `verbose=true` they print as Flower logs them."""
+
+    WHERE = {("raybackend", "process_message"), ("vce_api", "worker")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.module, record.funcName) not in self.WHERE
+
+
+_SITE_ERRORS = _DropSiteErrors()
 _RAY_NOISE = _DropLines("SIGTERM handler is not set")
 
 
@@ -212,7 +228,7 @@ def quiet_terminal(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     flwr.setLevel(level)
     ray_logger.setLevel(level)
-    for logger, noise in ((flwr, _FLOWER_NOISE), (ray_worker, _RAY_NOISE)):
+    for logger, noise in ((flwr, _FLOWER_NOISE), (flwr, _SITE_ERRORS), (ray_worker, _RAY_NOISE)):
         if verbose:
             logger.removeFilter(noise)
         else:
@@ -438,30 +454,6 @@ def _earlier_wall_time(run_dir: Path) -> float:
 
 
 PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
-# After a kill -9 of the driver, Ray's dashboard and runtime-env agents see the raylet gone within
-# 2 s, then report it to the (dead) GCS and wait out its reconnect timeout before they exit: 60 s
-# by Ray's default, measured 45-105 s here with 200 MB held. A local GCS answers in milliseconds,
-# so 10 s costs a live run nothing; with it every process was gone 15 s after the kill
-# (tests/test_resume_failures.py::test_kill_9_leaves_no_ray_process_behind). The agents read it
-# from the environment only (not from ray.init's _system_config, measured); a value the user set
-# is kept.
-GCS_RECONNECT_TIMEOUT = ("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
-# Ray 2.55 turns `_node_ip_address="127.0.0.1"` into the machine's routable address, and its
-# GCS, raylet and workers then listen on every interface (measured with `ss -ltnp`). With this
-# switch of Ray's own (meant for one-machine Ray on Windows and macOS; Ray reads it when it is
-# imported) the node's address is 127.0.0.1 and every one of them listens on the loopback only.
-LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def ray_environment() -> None:
-    """What every Ray process started from here inherits. Set before Ray is imported: a Ray
-    started by this process for a local simulation listens on 127.0.0.1 only, unless the user
-    points Ray at a cluster (RAY_ADDRESS) or sets the switch. A user's own values are kept."""
-    os.environ.setdefault(*GCS_RECONNECT_TIMEOUT)
-    if "RAY_ADDRESS" not in os.environ:
-        os.environ.setdefault(*LOOPBACK_ONLY)
-
-
 def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """`ray.init`'s arguments for a run: the backend's `init_args`, and the ClientApp's imports
     preloaded in every worker (Ray's `preload_python_modules`; a runtime_env setup hook would
@@ -560,6 +552,7 @@ def ctrl_c_sets(stop: threading.Event | None) -> Iterator[None]:
         if stop.is_set():
             print("snowfed: interrupted twice; leaving now (the run directory holds every "
                   "completed round: `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
+            end_children(grace_s=0.0)
             os._exit(128 + signum)
         stop.set()
         what = "SIGTERM: " if signum == signal.SIGTERM else ""

@@ -34,6 +34,7 @@ from snowfed.config import (
     group_options,
 )
 from snowfed.data.loaders import DataError
+from snowfed.sim.processes import adopt_orphans, end_children
 
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
@@ -378,6 +379,7 @@ class _interrupt_exits:
             print("snowfed: interrupted; the run directory holds everything up to the last round "
                   "(continue it with `snowfed run resume=DIR`)", file=sys.stderr, flush=True)
             sys.stdout.flush()
+            end_children(grace_s=1.0)
             os._exit(EXIT_INTERRUPTED)
         return False
 
@@ -391,6 +393,14 @@ def _print_outcome(summary: dict, run_dir: Path) -> None:
             f"{summary['global'].get('f1', float('nan')):.3f}, run directory {run_dir}")
     if summary.get("reason"):
         line += f"\n  reason: {summary['reason']}"
+    for name, node in summary.get("nodes", {}).items():  # left out of rounds, and why
+        counts = [f"{node[key]} {what}" for key, what in (("failures", "failed replies"),
+                                                          ("refused_updates", "refused updates"))
+                  if node.get(key)]
+        if counts:
+            last = node["last_failure"]
+            line += (f"\n  site {name}: {', '.join(counts)}; the last in round {last['round']} "
+                     f"({last['phase']}): {last['error']}")
     if summary.get("diagnostics"):
         line += f"\n{verdict(summary['diagnostics'])}"
     print(line)
@@ -433,7 +443,11 @@ def console() -> None:
     # SIGTERM (SLURM, `timeout`, a container stop) ends a run as Ctrl-C does: interrupted, its
     # summary written, resumable (sim.runner.ctrl_c_sets during the simulation)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    code = main()
+    adopt_orphans()
+    try:
+        code = main()
+    finally:
+        end_children()  # what Ray left running (sim.processes): none of it outlives the command
     sys.stdout.flush()
     gc.freeze()
     sys.exit(code)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from snowfed.config import compose
@@ -23,43 +21,68 @@ def smoke_store(smoke_cfg, tmp_path):
     return store
 
 
-RAY_PROCESS = re.compile(r"ray::|raylet|gcs_server|default_worker")
+def descendants(pid: int) -> set[int]:
+    """The PIDs of the live processes that `pid` started, directly or not (Ray's GCS and
+    raylet, and the raylet's agents and workers, for a run's process)."""
+    import psutil
+
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
 
 
-def _ray_process_lines() -> dict[int, str]:
-    """This machine's live Ray processes (raylet, GCS, workers, agents): PID -> `ps` line.
+def still_running(pids: set[int]) -> dict[int, str]:
+    """Those of `pids` alive now: PID -> its command line, for a failure message.
 
     Zombies are left out: an exited process whose parent has not reaped it yet holds no
-    memory, and in a container whose PID 1 does not reap, Ray's exited workers stay zombies
-    for good (pgrep matches them by their `ray::` name, so it cannot be used here)."""
-    import subprocess
+    memory, and in a container whose PID 1 does not reap, Ray's exited workers stay zombies for
+    good (CI failed on two of them while they were matched by their `ray::` name)."""
+    import psutil
 
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,rss=,args="], capture_output=True,
-                         text=True, check=True).stdout
-    found = {}
-    for line in out.splitlines():
-        pid, stat, _rss, args = (line.split(None, 3) + [""])[:4]
-        if not stat.startswith("Z") and RAY_PROCESS.search(args):
-            found[int(pid)] = line.strip()[:200]
-    return found
-
-
-def ray_processes() -> set[int]:
-    """The PIDs of this machine's live Ray processes."""
-    return set(_ray_process_lines())
+    alive = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive[pid] = " ".join(proc.cmdline())[:200] or proc.name()
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def wait_until_gone(pids: set[int], within_s: float) -> dict[int, str]:
-    """Those of `pids` still running after `within_s` seconds, with their `ps` lines (state,
-    RSS in KiB, command) for the failure message."""
+    """Those of `pids` still running after `within_s` seconds (see `still_running`)."""
     import time
 
     deadline = time.monotonic() + within_s
-    while True:
-        left = {pid: line for pid, line in _ray_process_lines().items() if pid in pids}
-        if not left or time.monotonic() >= deadline:
-            return left
+    while (left := still_running(pids)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    return left
+
+
+def run_watched(args: list[str], timeout: float = 300) -> tuple[int, str, str, set[int]]:
+    """Run `args` to its end: its exit code, stdout, stderr, and every process it started that
+    was seen alive (checked every 0.2 s)."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        started: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            started |= descendants(proc.pid)
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+        returncode = proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return returncode, out.read(), err.read(), started
 
 
 def start_smoke_run(run_dir, until: str):

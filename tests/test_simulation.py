@@ -83,28 +83,42 @@ SNOWFED_LINE = re.compile(r"round \d+/\d+ \| global f1 |completed: |settled: |no
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_cli_runs_the_smoke_federation_quietly(verbose, tmp_path):
-    from tests.conftest import ray_processes, wait_until_gone
+    from tests.conftest import run_watched, wait_until_gone
 
     run_dir = tmp_path / "cli-run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    before = ray_processes()
-    proc = subprocess.run(
+    returncode, stdout, stderr, started = run_watched(
         [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=1",
-         f"run_dir={run_dir}", f"verbose={str(verbose).lower()}"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 1/1" in proc.stderr  # the progress display
+         f"run_dir={run_dir}", f"verbose={str(verbose).lower()}"])
+    assert returncode == 0, stderr[-3000:]
+    assert "round 1/1" in stderr  # the progress display
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
-    others = [line for line in (proc.stdout + proc.stderr).splitlines()
-              if not SNOWFED_LINE.match(line)]
+    others = [line for line in (stdout + stderr).splitlines() if not SNOWFED_LINE.match(line)]
     if verbose:  # Flower's own per-round logs come back
         assert any("INFO" in line for line in others), others
     else:
         assert others == []
-    if not verbose:  # nothing the run started outlives it by more than 10 s
-        assert not wait_until_gone(ray_processes() - before, 10.0)
+    assert started, "the run started no process to watch"
+    assert not wait_until_gone(started, 10.0)  # nothing it started outlives it by 10 s
+
+
+def test_a_failed_cli_run_says_why_in_its_own_lines_and_leaves_no_process_behind(tmp_path):
+    """A site raises in round 1 and the run needs both sites: it fails after Ray has started.
+    The terminal holds snowfed's lines only (Flower's ERROR tracebacks of the site's exception
+    come with verbose=true), naming the site and its exception."""
+    from tests.conftest import run_watched, wait_until_gone
+
+    returncode, stdout, stderr, started = run_watched(
+        [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=2",
+         "+federation.hospitals.1.failure={rounds:[1],mode:raise}",
+         "aggregation.min_train_nodes=2", f"run_dir={tmp_path / 'run'}"])
+    assert returncode == 1, stderr[-3000:]
+    lines = (stdout + stderr).splitlines()
+    assert "  site beta: 1 failed replies; the last in round 1 (train): RuntimeError: simulated " \
+           "failure of partition 1 in round 1 (federation.hospitals[1].failure)" in lines
+    assert not [line for line in lines if "ERROR" in line or "Traceback" in line], lines
+    assert started, "the run started no process to watch"
+    assert not wait_until_gone(started, 10.0)
 
 
 LISTENERS = """
@@ -141,11 +155,12 @@ def test_a_local_simulations_ray_listens_on_the_loopback_only(cluster_switch):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
-    from tests.conftest import start_smoke_run
+    from tests.conftest import descendants, start_smoke_run, wait_until_gone
 
     run_dir = tmp_path / "interrupted"
     proc = start_smoke_run(run_dir, until="round 2/")  # the second round completed
     try:
+        started = descendants(proc.pid)
         proc.send_signal(signum)
         rest = proc.stderr.read()  # Flower ends the simulation in order (sim.runner.ctrl_c_sets)
         assert proc.wait(timeout=120) == 130, rest[-3000:]
@@ -162,6 +177,8 @@ def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
     global_rounds = [r["round"] for r in records if r["scope"] == "global"]
     assert global_rounds == list(range(len(global_rounds)))  # nothing lost or duplicated
     assert [h["round"] for h in summary["history"]] == global_rounds
+    assert started, "the run started no process to watch"
+    assert not wait_until_gone(started, 10.0)  # nothing it started outlives it by 10 s
 
 
 # transfer has its own test below; coteaching is a classification strategy (test_classification.py)
