@@ -338,7 +338,9 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | None = None,
         require(key in RESUME_OVERRIDES, key, overrides[key],
                 f"left out when resuming (the run's own {run_dir / CONFIG} holds it); a resumed run "
                 f"may change only {', '.join(RESUME_OVERRIDES)}")
-    require((run_dir / CONFIG).is_file(), "resume", str(run_dir), "a run directory (with config.yaml)")
+    require((run_dir / CONFIG).is_file(), "resume", str(run_dir),
+            "a run directory (with config.yaml; a run stopped as it began leaves none: start it "
+            "again instead)")
     with run_lock(run_dir):
         return _resume_locked(run_dir, overrides, federate, quiet, on_round)
 

@@ -135,7 +135,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
 
     run_dir = tmp_path / "run"
     assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
-    assert "a run directory (with config.yaml)" in capsys.readouterr().err
+    assert "a run directory (with config.yaml; " in capsys.readouterr().err
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(compose(["federation=smoke", "rounds=3"])))
     assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -35,7 +36,22 @@ def _history(run_dir):
     return {(r["round"], r["scope"], r.get("node"), r.get("phase")): r for r in records}
 
 
-def test_a_killed_run_resumed_ends_with_the_uninterrupted_history(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The smoke federation's 3 rounds, never interrupted: (summary, history)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return run(_smoke("rounds=3"), run_dir), _history(run_dir)
+
+
+def _assert_same_history(after: dict, expected: dict) -> None:
+    assert after.keys() == expected.keys()
+    for key, record in expected.items():
+        for metric, value in record.items():
+            if isinstance(value, float):
+                assert after[key][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, metric)
+
+
+def test_a_killed_run_resumed_ends_with_the_uninterrupted_history(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "snowfed.cli", "run", "federation=smoke", "rounds=3",
@@ -55,18 +71,53 @@ def test_a_killed_run_resumed_ends_with_the_uninterrupted_history(tmp_path):
     assert max(k[0] for k in before) < 3 and not (killed / "summary.json").exists()
 
     summary = resume(killed)
-    reference = run(_smoke("rounds=3"), tmp_path / "uninterrupted")
+    reference, expected = uninterrupted
 
     assert summary["status"] == reference["status"] == "completed"
-    after, expected = _history(killed), _history(tmp_path / "uninterrupted")
-    assert after.keys() == expected.keys()
-    for key, record in expected.items():
-        for metric, value in record.items():
-            if isinstance(value, float):
-                assert after[key][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, metric)
+    after = _history(killed)
+    _assert_same_history(after, expected)
     for key in before:  # what the killed run had completed (round 1) is still there, unchanged
         if key[0] <= 1:
             assert after[key] == before[key]
+
+
+def test_kill_9_at_random_moments_never_leaves_a_dead_end(tmp_path, uninterrupted):
+    """kill -9 of the whole process group at 6 random moments (seeded) of a smoke run and of its
+    continuations. Each state it leaves is resumable (`resume=DIR`) or, when resume says the run
+    stopped before its first checkpoint, restartable in the same directory; nothing is deleted
+    by hand, and the run ends with the uninterrupted history, no record written twice."""
+    rng = random.Random(20261201)
+    run_dir = tmp_path / "killed"
+    cli = [sys.executable, "-m", "snowfed.cli", "run"]
+    start, again = [*cli, "federation=smoke", "rounds=3", f"run_dir={run_dir}"], [*cli, f"resume={run_dir}"]
+    kills, moments, args = 0, [], again if run_dir.exists() else start
+    for _ in range(30):  # kills, refused resumes and the last run
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+            moment = rng.uniform(1.0, 15.0) if kills < 6 else 300  # start-up, Ray, rounds, writes
+            try:
+                returncode = proc.wait(timeout=moment)
+            except subprocess.TimeoutExpired:
+                assert kills < 6, "the last run did not end within 300 s"
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills, moments = kills + 1, [*moments, round(moment, 1)]
+                args = again if run_dir.exists() else start
+                continue
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        said = (tmp_path / "stderr.txt").read_text()
+        if returncode == 2 and "start it again instead" in said:  # killed before a checkpoint
+            args = start
+            continue
+        assert returncode == 0, (moments, args, said[-2000:])
+        if json.loads((run_dir / "summary.json").read_text())["status"] == "completed":
+            break
+    assert kills == 6, moments
+    reference, expected = uninterrupted
+    _assert_same_history(_history(run_dir), expected)
 
 
 def test_a_failing_site_is_left_out_and_recorded_and_too_few_sites_stop_the_run(tmp_path):
