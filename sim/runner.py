@@ -22,7 +22,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from snowfed.config import ConfigError, require, require_int, require_keys, require_number
+from snowfed.config import (
+    ConfigError,
+    require,
+    require_creatable_dir,
+    require_int,
+    require_keys,
+    require_number,
+)
 from snowfed.plots import noise_label, plot_f1_per_round
 from snowfed.progress import RoundProgress
 from snowfed.rundir import (
@@ -104,6 +111,7 @@ def prepare(cfg: Mapping[str, Any], run_dir: Path):
 
 def start_run_dir(cfg: Mapping[str, Any], run_dir: Path, key: str = "run_dir") -> None:
     """Refuse a run directory holding a previous run's results; write config.yaml into it."""
+    require_creatable_dir(run_dir, key)
     if (run_dir / METRICS).exists() or (run_dir / SUMMARY).exists():
         raise ConfigError(key, str(run_dir), "a new or empty run directory (this one holds "
                           "a previous run's results, which snowfed never overwrites)")

@@ -32,6 +32,7 @@ from snowfed.config import (
     check_group_overrides,
     compose,
     group_options,
+    require_creatable_dir,
 )
 from snowfed.data.loaders import DataError
 from snowfed.sim.processes import adopt_orphans, end_children
@@ -160,7 +161,9 @@ def run(
 def validate_overrides(overrides: list[str]) -> None:
     from snowfed.sim.runner import plain_config, validate
 
-    validate(plain_config(compose(overrides)))
+    cfg = plain_config(compose(overrides))
+    validate(cfg)
+    require_creatable_dir(cfg["run_dir"], "run_dir")  # Hydra makes it before the run starts
 
 
 def _bad_input(err: Exception) -> int:

@@ -6,8 +6,10 @@ user sees one paragraph before any data is generated or Ray starts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -150,6 +152,18 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ConfigError(key, value, allowed) unless `ok`."""
     if not ok:
         raise ConfigError(key, value, allowed)
+
+
+def require_creatable_dir(path: Any, key: str) -> None:
+    """`path` is a directory this process can write into, or can be made one: its nearest
+    existing ancestor is a writable directory (a path under a file failed in Hydra's or the
+    store's mkdir, with a traceback)."""
+    target = Path(str(path)).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    require(existing.is_dir(), key, str(path), f"a directory, or a path one can be made at "
+            f"({existing} is a file)")
+    require(os.access(existing, os.W_OK | os.X_OK), key, str(path),
+            f"a directory this user can write into ({existing} is not writable)")
 
 
 def require_keys(given: Mapping[str, Any], allowed: Sequence[str], key: str, what: str,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 from urllib.parse import urlparse
 
-from snowfed.config import ConfigError, require
+from snowfed.config import ConfigError, require, require_creatable_dir
 from snowfed.rundir import METRICS
 
 INSTALL = "pip install 'snowfed[tracking]'"
@@ -65,6 +65,8 @@ def validate_logger(cfg: Mapping[str, Any]) -> None:
                 f"a key of logger={name} ({', '.join(KEYS[name])})")
         require(key == "name" or value is None or isinstance(value, str), f"logger.{key}", value,
                 "a string or null")
+    if logger.get("log_dir") is not None:
+        require_creatable_dir(logger["log_dir"], "logger.log_dir")
     module = PACKAGES.get(name)
     if module is not None and importlib.util.find_spec(module) is None:
         raise ConfigError("logger.name", name, f"none, or the {module} package installed (install "

@@ -188,3 +188,23 @@ def test_resume_refuses_a_config_edited_since_the_run_started(tmp_path, capsys):
     assert main(["run", f"resume={run_dir}"]) == EXIT_BAD_CONFIG
     err = capsys.readouterr().err
     assert "edited since: strategy.lr: 0.001 -> 0.01)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path_override", ["run_dir={file}", "run_dir={file}/run",
+                                           "logger.log_dir={file}/events"])
+def test_a_path_that_cannot_be_made_a_directory_is_refused(path_override, tmp_path, capsys):
+    """A run directory (or TensorBoard's) that is a file or lies under one: one line, exit 2,
+    before Hydra makes the directory (it raised NotADirectoryError with a traceback)."""
+    import ray
+
+    file = tmp_path / "a-file"
+    file.write_text("kept")
+    override = path_override.format(file=file)
+    others = ["logger=tensorboard", f"run_dir={tmp_path / 'run'}"] if "log_dir" in override else []
+    code = main(["run", "federation=smoke", override, *others])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_CONFIG
+    assert f"{override.split('=')[0]}='{override.split('=')[1]}'" in err, err
+    assert f"({file} is a file)" in err and len(err.strip().splitlines()) == 1, err
+    assert file.read_text() == "kept" and not (tmp_path / "run").exists()
+    assert not ray.is_initialized()
