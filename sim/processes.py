@@ -31,7 +31,6 @@ def ray_environment() -> None:
         os.environ.setdefault(*LOOPBACK_ONLY)
 
 
-
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
