@@ -228,6 +228,7 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_locally(
         node.model, node.strategy, _generator(config, node), node.device, node.memory,
         proximal_mu=float(config.get("proximal-mu", 0.0)), dp=node.dp,
+        run_round=(int(config["server-round"]), int(config["num-rounds"])),
     )
     _save_memory(node)
     privacy = {}

@@ -94,11 +94,12 @@ def dp_sgd_steps(
     num_images: int,
     step_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
     settings: DPSettings,
-    steps: int,
+    lrs: list[float],
     generator: torch.Generator,
 ) -> list[float]:
-    """`steps` DP-SGD steps; `step_loss(model, image_indices)` is the strategy's loss on tiles
-    of those images (mean over the batch). Returns each step's loss (nan for an empty sample)."""
+    """One DP-SGD step per learning rate in `lrs`; `step_loss(model, image_indices)` is the
+    strategy's loss on tiles of those images (mean over the batch). Returns each step's loss
+    (nan for an empty sample)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -112,7 +113,9 @@ def dp_sgd_steps(
     )
     losses = []
     try:
-        for _ in range(steps):
+        for lr in lrs:
+            for group in dp_optimizer.param_groups:
+                group["lr"] = lr
             dp_optimizer.zero_grad(set_to_none=True)
             # Poisson sampling: every image independently with probability q
             idx = torch.nonzero(torch.rand(num_images, generator=generator) < settings.sample_rate)

@@ -32,6 +32,7 @@ def train_locally(
     proximal_mu: float = 0.0,
     steps: int | None = None,
     dp: DPSettings | None = None,
+    run_round: tuple[int, int] | None = None,
 ) -> TrainStats:
     """Run the strategy's local steps on the node's own (noisy) labels. `memory` is what the
     node's strategy keeps between rounds (initial weights, teacher); the caller keeps it.
@@ -39,7 +40,9 @@ def train_locally(
     `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_received||^2 to every step's loss (Flower's
     FedProx sends mu; the site must apply it). `steps` replaces the strategy's local_steps
     (personalisation fine-tunes with its own budget). `dp`: the steps are DP-SGD (Opacus; see
-    snowfed.client.privacy) on Poisson samples of the node's images."""
+    snowfed.client.privacy) on Poisson samples of the node's images. `run_round`: (this round,
+    the run's rounds), where the strategy's lr schedule stands; without it (personalisation,
+    a teacher's own training) the steps keep the strategy's lr."""
     spec = strategy.spec
     received = (
         {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
@@ -50,14 +53,20 @@ def train_locally(
     model.train()
     optimizer = strategy.optimizer(trainable)
     steps = spec.local_steps if steps is None else steps
+    if run_round is None:
+        lrs = [spec.lr] * steps
+    else:
+        done, total = (run_round[0] - 1) * steps, run_round[1] * steps
+        lrs = [strategy.learning_rate(done + i, total) for i in range(steps)]
     if dp is not None:
         losses = dp_sgd_steps(
             model, optimizer, trainable, strategy.sampler.num_images,
-            lambda m, idx: strategy.step_loss(m, generator, device, idx), dp, steps, generator,
+            lambda m, idx: strategy.step_loss(m, generator, device, idx), dp, lrs, generator,
         )
         return _stats(losses, strategy)
     losses = []
-    for _ in range(steps):
+    for lr in lrs:
+        strategy.set_learning_rate(optimizer, lr)
         loss = strategy.step_loss(model, generator, device)
         if anchors:
             loss = loss + proximal_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in anchors)

@@ -349,7 +349,9 @@ def run_federation(
     partitions = identify_nodes(grid, recorder, shared.get("store"))
     grid = PartitionOrderedGrid(grid, partitions)
     node_ids = grid.get_node_ids()
-    node_config = {**shared, "seed": int(cfg["seed"])}
+    # num-rounds: where the sites' lr schedule stands (the run's rounds, more after a resume
+    # that extends it)
+    node_config = {**shared, "seed": int(cfg["seed"]), "num-rounds": int(cfg["rounds"])}
 
     def send_train(rnd: int, arrays: ArrayRecord) -> _Sent:
         with rng.active():

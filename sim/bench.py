@@ -194,7 +194,8 @@ def plain_loop(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
                                                         data.labels, data.verified))
             data, strategy = nodes[pid]
             local.load_state_dict(model.state_dict())
-            train_locally(local, strategy, node_generator(int(cfg["seed"]), rnd, pid), "cpu", {})
+            train_locally(local, strategy, node_generator(int(cfg["seed"]), rnd, pid), "cpu", {},
+                          run_round=(rnd, int(cfg["rounds"])))
             evaluate(local, data.val_images, data.val_targets)
             k = len(data.images)
             state = {key: v.detach().double() * k for key, v in local.state_dict().items()}

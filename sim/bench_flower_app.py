@@ -117,8 +117,9 @@ def train(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": len(trainloader.dataset), "train-loss": loss, "local-acc": accuracy}
     else:
         strategy = LocalStrategy.build(spec, data.images, data.labels, data.verified)
-        stats = train_locally(model, strategy, node_generator(int(config["seed"]),
-                                                              int(config["server-round"]), pid))
+        rnd = int(config["server-round"])
+        stats = train_locally(model, strategy, node_generator(int(config["seed"]), rnd, pid),
+                              run_round=(rnd, int(config["num-rounds"])))
         local = evaluate(model, data.val_images, data.val_targets)
         metrics = {"num-examples": len(data.images), "train-loss": stats.last_loss,
                    "local-f1": local["f1"]}
@@ -160,7 +161,7 @@ def run_stock_flower(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
             on_round(server_round)
             return MetricRecord({"f1": scores["f1"]})
 
-        config = {"store": str(store.path), "seed": int(cfg["seed"]),
+        config = {"store": str(store.path), "seed": int(cfg["seed"]), "num-rounds": int(cfg["rounds"]),
                   "data": str(cfg["dataset"].get("path") or "")}
         agg = cfg["aggregation"]
         strategy = FedAvg(fraction_train=float(agg["fraction_train"]),

@@ -139,7 +139,7 @@ def run_reference(
         for learner in learners:
             gen = node_generator(int(cfg["seed"]), rnd, learner.partition_id)
             stats = train_locally(learner.model, learner.strategy, gen, device, learner.memory,
-                                  steps=learner.steps)
+                                  steps=learner.steps, run_round=(rnd, int(cfg["rounds"])))
             if mode == "local":
                 recorder.append([{"round": rnd, "scope": "node", "node": learner.name,
                                   "phase": "train", "num-examples": len(data[learner.partition_id].images),

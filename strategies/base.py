@@ -14,6 +14,7 @@ survives a resumed run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,6 +35,11 @@ from .teacher import TEACHERS, NoTeacher
 from .transforms import LABEL_TRANSFORMS, LabelTransform
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# How the learning rate moves over a run's local steps (docs/results/learning.md, "The swings"):
+# `cosine` anneals it from `lr` to 0 over rounds x local_steps, so that the last rounds settle;
+# `constant` keeps `lr` throughout (the behaviour before schedules existed).
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LR_SCHEDULE = "cosine"
 
 # field -> registry of the parts configured by `<field>` and `<field>_params`
 PARTS: dict[str, dict[str, Part]] = {
@@ -75,6 +81,8 @@ class StrategySpec:
     freeze_stages: int = 0  # the first k model stages keep their initial weights at this node
     teacher: str = "none"
     teacher_params: dict[str, Any] = field(default_factory=dict)
+    # a spec stored before schedules existed (a store being resumed) ran at a constant lr
+    lr_schedule: str = "constant"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], key: str = "strategy") -> StrategySpec:
@@ -88,6 +96,9 @@ class StrategySpec:
         for name, registry in registries.items():
             if not isinstance(chosen[name], str) or chosen[name] not in registry:
                 raise ConfigError(f"{key}.{name}", chosen[name], f"one of {', '.join(registry)}")
+        schedule = cfg.get("lr_schedule", DEFAULT_LR_SCHEDULE)
+        if not isinstance(schedule, str) or schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{key}.lr_schedule", schedule, f"one of {', '.join(LR_SCHEDULES)}")
         params = {
             f"{name}_params": PARTS[name][chosen[name]].resolve(
                 cfg.get(f"{name}_params"), f"{key}.{name}_params"
@@ -101,6 +112,7 @@ class StrategySpec:
             batch_size=require_int(cfg.get("batch_size"), f"{key}.batch_size", 1),
             tile_size=require_int(cfg.get("tile_size"), f"{key}.tile_size", 4),
             freeze_stages=require_int(cfg.get("freeze_stages", 0), f"{key}.freeze_stages", 0),
+            lr_schedule=schedule,
             **chosen,
             **params,
         )
@@ -224,3 +236,19 @@ class LocalStrategy:
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return OPTIMIZERS[self.spec.optimizer](params, lr=self.spec.lr)
+
+    def learning_rate(self, step: int, total: int) -> float:
+        """The lr of the run's local step `step` (0-based) of `total`. The closed form of
+        torch's CosineAnnealingLR (eta_min 0, T_max `total`), computed here because the
+        optimiser is rebuilt every round while the schedule spans the whole run."""
+        if self.spec.lr_schedule == "constant":
+            return self.spec.lr
+        return self.spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+    def set_learning_rate(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Every network a step trains follows the schedule: the model's optimiser and a peer's
+        (co-teaching's)."""
+        for opt in (optimizer, getattr(self.loss, "peer_optimizer", None)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr

@@ -52,6 +52,7 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["strategy.local_steps=0"], "strategy.local_steps=0", "an integer >= 1"),
         (["strategy.batch_size=0"], "strategy.batch_size=0", "an integer >= 1"),
         (["strategy.optimizer=rmsprop"], "strategy.optimizer='rmsprop'", "one of adam, sgd"),
+        (["strategy.lr_schedule=linear"], "strategy.lr_schedule='linear'", "one of constant, cosine"),
         (["strategy.loss=focal"], "strategy.loss='focal'", "one of cross_entropy"),
         (["strategy.label_transform=blur"], "strategy.label_transform='blur'", "dilate_erode"),
         (["strategy.augmentation=mixup"], "strategy.augmentation='mixup'", "one of none, histo"),

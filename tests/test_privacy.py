@@ -41,7 +41,7 @@ def _run(settings, steps=3, seed=0, sizes=None):
             sizes.append(len(idx))
         return strategy.step_loss(m, gen, "cpu", idx)
 
-    dp_sgd_steps(model, torch.optim.SGD(params, lr=1.0), params, 20, loss, settings, steps, gen)
+    dp_sgd_steps(model, torch.optim.SGD(params, lr=1.0), params, 20, loss, settings, [1.0] * steps, gen)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
 
 

@@ -251,6 +251,41 @@ def test_trainer_draws_batches_through_the_strategy():
     assert len(calls) == 3
 
 
+def test_the_cosine_schedule_anneals_the_lr_over_the_whole_run():
+    cosine = LocalStrategy.build(StrategySpec.from_config(BASE), *_tiny_node())
+    assert cosine.spec.lr_schedule == "cosine"  # the default of a config that names none
+    lrs = [cosine.learning_rate(step, 12) for step in range(12)]
+    assert lrs[0] == BASE["lr"] and lrs[6] == pytest.approx(BASE["lr"] / 2)
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    constant = LocalStrategy.build(StrategySpec.from_config({**BASE, "lr_schedule": "constant"}),
+                                   *_tiny_node())
+    assert {constant.learning_rate(step, 12) for step in range(12)} == {BASE["lr"]}
+    # a spec stored before schedules existed (a store being resumed) keeps its constant lr
+    stored = {k: v for k, v in asdict(cosine.spec).items() if k != "lr_schedule"}
+    assert StrategySpec(**stored).lr_schedule == "constant"
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_runs_last_round_moves_the_weights_less_under_the_cosine_schedule(schedule):
+    """The same round's steps (same batches, same start) in the first and in the last of 4
+    rounds: under cosine the last round's update is a fraction of the first's."""
+    spec = StrategySpec.from_config({**BASE, "lr_schedule": schedule, "local_steps": 4})
+
+    def update_norm(run_round):
+        torch.manual_seed(0)
+        model = build_model("shortres", num_classes=2, width=8)
+        start = [p.detach().clone() for p in model.parameters()]
+        train_locally(model, LocalStrategy.build(spec, *_tiny_node()), torch.Generator().manual_seed(3),
+                      run_round=run_round)
+        return torch.cat([(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)]).norm()
+
+    first, last = update_norm((1, 4)), update_norm((4, 4))
+    if schedule == "cosine":
+        assert last < 0.2 * first
+    else:
+        assert last == first
+
+
 def test_label_transforms_refuse_multiclass_labels():
     images, labels = _tiny_node()
     labels[0, 0, 0] = 2
