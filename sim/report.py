@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from snowfed.diagnostics import STABLE_RANGE, diagnose
+from snowfed.diagnostics import STABLE_RANGE, UNDECIDED_MARGIN, UNDECIDED_SHARE, diagnose
 from snowfed.rundir import CONFIG, SUMMARY, atomic_write_text
 
 MISSING = "-"
@@ -157,6 +157,7 @@ class Cell:
     values: tuple[float, ...]
     degenerate: int = 0  # runs whose final model predicts (almost) one class
     unsettled: int = 0  # runs whose metric still moved over their last rounds
+    undecided: int = 0  # of the unsettled runs, those whose model is undecided (diagnostics)
 
     @property
     def mean(self) -> float:
@@ -171,7 +172,8 @@ class Cell:
             return MISSING
         spread = "" if math.isnan(self.spread) else f" ± {self.spread:.3f}"
         marks = (f" D{self.degenerate}" if self.degenerate else "") + (
-            f" U{self.unsettled}" if self.unsettled else "")
+            f" U{self.unsettled}" if self.unsettled else "") + (
+            f" (u{self.undecided})" if self.undecided else "")
         return f"{self.mean:.3f}{spread} ({len(self.values)}){marks}"
 
 
@@ -196,7 +198,8 @@ class Table:
         """How many runs, in how many cells, did not give an answer (snowfed.diagnostics)."""
         cells = [c for c in self.cells.values() if c.values]
         runs = sum(len(c.values) for c in cells)
-        degenerate, unsettled = (sum(getattr(c, k) for c in cells) for k in ("degenerate", "unsettled"))
+        degenerate, unsettled, undecided = (sum(getattr(c, k) for c in cells)
+                                            for k in ("degenerate", "unsettled", "undecided"))
         if not degenerate and not unsettled:
             return (f"\nEvery one of the {runs} runs learned and settled: no final model predicts "
                     f"(almost) one class, and every global F1 moved by at most {STABLE_RANGE} "
@@ -206,19 +209,23 @@ class Table:
                 f"{sum(1 for c in cells if c.degenerate)} cells. U n: n runs did not settle (their "
                 f"global F1 moved by more than {STABLE_RANGE} over their last rounds): "
                 f"{unsettled} of {runs} runs, in {sum(1 for c in cells if c.unsettled)} cells. "
-                "Their cells report optimisation as much as label quality.\n")
+                f"(u n): n of them are undecided, their final model has p(foreground) within "
+                f"{UNDECIDED_MARGIN} of 0.5 on at least {UNDECIDED_SHARE:.0%} of the foreground "
+                f"pixels, so small updates flip its F1 (more rounds do not settle it): "
+                f"{undecided} of the {unsettled}. The other unsettled cells report optimisation "
+                "as much as label quality.\n")
 
     def csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow([self.row_key, self.col_key, f"{self.metric}_mean", f"{self.metric}_std", "runs",
-                         "degenerate", "unsettled"])
+                         "degenerate", "unsettled", "undecided"])
         for r in self.rows:
             for c in self.cols:
                 cell = self.cells[r, c]
                 if cell.values:
                     writer.writerow([r, c, f"{cell.mean:.6f}", f"{cell.spread:.6f}", len(cell.values),
-                                     cell.degenerate, cell.unsettled])
+                                     cell.degenerate, cell.unsettled, cell.undecided])
         return out.getvalue()
 
 
@@ -232,7 +239,7 @@ def build_table(
 ) -> Table:
     """Group completed runs into cells; orders default to first appearance."""
     grouped: dict[tuple[str, str], list[float]] = defaultdict(list)
-    flags: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    flags: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     rows, cols, skipped = list(row_order or []), list(col_order or []), 0
     for run in runs:
         value = run.summary.get("global", {}).get(metric)
@@ -246,7 +253,10 @@ def build_table(
         diagnostics = run_diagnostics(run)
         flags[r, c][0] += diagnostics.get("degenerate") is True
         flags[r, c][1] += diagnostics.get("stable") is False
-    cells = {(r, c): Cell(tuple(grouped.get((r, c), ())), *flags.get((r, c), (0, 0)))
+        undecided = diagnostics.get("undecided")
+        flags[r, c][2] += (diagnostics.get("stable") is False and isinstance(undecided, int | float)
+                           and undecided >= UNDECIDED_SHARE)
+    cells = {(r, c): Cell(tuple(grouped.get((r, c), ())), *flags.get((r, c), (0, 0, 0)))
              for r in rows for c in cols}
     return Table(rows, cols, cells, row_key, col_key, metric, skipped)
 

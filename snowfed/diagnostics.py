@@ -9,7 +9,10 @@ so every run says whether it produced an answer:
 - `plateau_rounds`: the rounds, from round 1, before the global model first stopped being
   degenerate (the all-background plateau); all of them when it never did;
 - `stable`: the global metric's range (max - min) over the last quarter of the rounds, at least
-  ``STABLE_WINDOW_MIN`` of them, is at most ``STABLE_RANGE``.
+  ``STABLE_WINDOW_MIN`` of them, is at most ``STABLE_RANGE``;
+- `undecided` (segmentation): the final model's share of true foreground pixels with p(fg)
+  near 0.5 (snowfed.evaluation). From ``UNDECIDED_SHARE`` on, an unsettled run is said to be
+  undecided rather than short of rounds: more rounds do not settle it.
 
 Segmentation reads the pooled pixel counts (tp, fp, fn, tn) every evaluation records;
 classification reads `predicted_majority` and `label_majority` (snowfed.metrics).
@@ -25,6 +28,11 @@ DEGENERATE_SHARE = 0.01  # segmentation: under 1% of the test pixels predicted f
 MAJORITY_SHARE = 0.95  # classification: one class predicted for 95% of the test images
 STABLE_RANGE = 0.05  # the metric may move by at most this much (max - min) over the window
 STABLE_WINDOW_MIN = 2  # rounds in the stability window, at least
+# A foreground pixel is undecided when the model's p(foreground) lies within UNDECIDED_MARGIN
+# of 0.5, the argmax threshold: small weight changes flip it. Pixel cross-entropy on labels that
+# miss half the objects learns p near 0.5 on every object (docs/results/learning.md).
+UNDECIDED_MARGIN = 0.1
+UNDECIDED_SHARE = 0.5  # an unsettled run with this share of undecided foreground is undecided
 
 
 def degenerate_reason(metrics: Mapping[str, Any]) -> str | None:
@@ -72,6 +80,7 @@ def diagnose(history: Sequence[Mapping[str, Any]], metric: str = "f1") -> dict[s
         "metric": metric,
         "window_rounds": len(window),
         "window_range": moved,
+        "undecided": trained[-1].get("undecided"),
     }
 
 
@@ -88,6 +97,10 @@ def verdict(diagnostics: Mapping[str, Any]) -> str:
     if diagnostics["stable"] is None:
         return f"not judged for stability: {metric} over {window} round(s){since}"
     if not diagnostics["stable"]:
+        undecided = diagnostics.get("undecided")
+        why = (f"; the model is undecided on {undecided:.0%} of the foreground pixels (p within "
+               f"{UNDECIDED_MARGIN} of 0.5), so small updates flip them" if isinstance(undecided, int | float)
+               and undecided >= UNDECIDED_SHARE else "")
         return (f"not converged: {metric} still moving ±{moved / 2:.2f} over the last {window} "
-                f"rounds{since}")
+                f"rounds{since}{why}")
     return f"settled: {metric} within ±{moved / 2:.2f} over the last {window} rounds{since}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from snowfed.diagnostics import UNDECIDED_MARGIN
 from snowfed.metrics import Confusion, classification_metrics
 from snowfed.store import tensor_view
 
@@ -24,14 +25,21 @@ def evaluate_segmentation(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Pixel F1 (pooled), mean per-image Dice, MCC and friends of argmax predictions."""
+    """Pixel F1 (pooled), mean per-image Dice, MCC and friends of argmax predictions, and
+    `undecided`: the share of the true foreground pixels whose p(foreground) is within
+    UNDECIDED_MARGIN of 0.5."""
     model.eval()
     confusion = Confusion()
+    undecided = 0
     for start in range(0, len(images), batch_size):
         x = images_to_tensor(images[start : start + batch_size]).to(device)
-        pred = model(x).argmax(dim=1).cpu().numpy().astype(bool)
-        confusion.update(pred, np.asarray(masks[start : start + batch_size]).astype(bool))
-    return confusion.as_dict()
+        logits = model(x)
+        pred = logits.argmax(dim=1).cpu().numpy().astype(bool)
+        truth = np.asarray(masks[start : start + batch_size]).astype(bool)
+        confusion.update(pred, truth)
+        p_foreground = 1.0 - torch.softmax(logits, dim=1)[:, 0].cpu().numpy()
+        undecided += int((np.abs(p_foreground - 0.5) < UNDECIDED_MARGIN)[truth].sum())
+    return {**confusion.as_dict(), "undecided": undecided / max(1, confusion.tp + confusion.fn)}
 
 
 @torch.no_grad()

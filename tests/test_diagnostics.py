@@ -2,7 +2,12 @@
 
 import math
 
-from snowfed.diagnostics import DEGENERATE_SHARE, STABLE_RANGE, diagnose, verdict
+import numpy as np
+import pytest
+import torch
+
+from snowfed.diagnostics import DEGENERATE_SHARE, STABLE_RANGE, UNDECIDED_SHARE, diagnose, verdict
+from snowfed.evaluation import evaluate
 from snowfed.metrics import Confusion, classification_metrics
 from snowfed.rundir import build_summary
 
@@ -49,6 +54,34 @@ def test_stability_looks_at_the_last_quarter_of_rounds_at_least_two():
     late = [_seg(0.9 - (r == 12) * STABLE_RANGE * 2, 0.2, r) for r in range(0, 13)]
     assert diagnose(late)["window_rounds"] == 3 and diagnose(late)["stable"] is False
     assert diagnose(late[:-1])["stable"] is True
+
+
+def test_an_unsettled_model_undecided_on_most_foreground_pixels_is_said_to_be():
+    swinging = [_seg(0.3, 0.2, 0), _seg(0.8, 0.2, 1), {**_seg(0.5, 0.2, 2), "undecided": 0.74}]
+    d = diagnose(swinging)
+    assert d["stable"] is False and d["undecided"] == 0.74
+    assert verdict(d).endswith("; the model is undecided on 74% of the foreground pixels "
+                               "(p within 0.1 of 0.5), so small updates flip them")
+    swinging[-1]["undecided"] = UNDECIDED_SHARE - 0.01
+    assert "undecided" not in verdict(diagnose(swinging))
+
+
+def test_undecided_is_the_share_of_true_foreground_pixels_near_the_threshold():
+    """A model whose logits are the same for both classes (p = 0.5) on the left half of every
+    image and confident foreground on the right: undecided = the foreground's share on the left."""
+
+    class Halves(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(len(x), 2, *x.shape[2:])
+            logits[:, 1, :, x.shape[3] // 2:] = 5.0
+            return logits
+
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, :, 1:6] = 1  # 3 of its 5 columns on the left half
+    metrics = evaluate(Halves(), np.zeros((2, 8, 8, 3), np.uint8), masks)
+    assert metrics["undecided"] == pytest.approx(3 / 5)
+    # argmax: p = 0.5 is background; the right half is foreground (tp 2 columns, fp 2, fn 3)
+    assert metrics["f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 3))
 
 
 def test_a_non_finite_metric_is_not_judged_stable():

@@ -398,8 +398,23 @@ def test_cells_count_degenerate_and_unsettled_runs(tmp_path):
     md = table.markdown()
     assert "1 of 4 runs, in 1 cells" in md and "D n:" in md and "U n:" in md
     rows = list(csv.DictReader(io.StringIO(table.csv())))
-    assert [(r["noise.name"], r["degenerate"], r["unsettled"]) for r in rows] == [
-        ("noisy", "1", "1"), ("clean", "0", "0")]
+    assert [(r["noise.name"], r["degenerate"], r["unsettled"], r["undecided"]) for r in rows] == [
+        ("noisy", "1", "1", "0"), ("clean", "0", "0", "0")]
+
+
+def test_an_unsettled_run_whose_model_is_undecided_is_counted_apart(tmp_path):
+    root = tmp_path / "marks"
+    swinging = [_seg_round(0, 0.3, 0.5), _seg_round(1, 0.9, 0.2), _seg_round(2, 0.5, 0.1)]
+    undecided = [*swinging[:2], {**swinging[2], "undecided": 0.7}]
+    decided = [*swinging[:2], {**swinging[2], "undecided": 0.2}]
+    settled_but_undecided = [*swinging[:2], {**swinging[1], "round": 2, "undecided": 0.9}]
+    for name, history in [("a", undecided), ("b", decided), ("c", settled_but_undecided)]:
+        _ranked_run(root / name, "baseline", "noisy", ord(name), 0.5, history)
+    table = build_table(find_runs([root]))
+    cell = table.cells["baseline", "noisy"]
+    assert (cell.unsettled, cell.undecided) == (2, 1)
+    assert cell.text().endswith("U2 (u1)")
+    assert "1 of the 2" in table.markdown()
 
 
 @pytest.mark.parametrize(("args", "named"), [
