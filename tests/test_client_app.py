@@ -20,7 +20,8 @@ def _task_identity():
 
 
 def _train_message(store, state, rnd, **extra):
-    config = ConfigRecord({"store": str(store.path), "seed": 0, "server-round": rnd, **extra})
+    config = ConfigRecord({"store": str(store.path), "seed": 0, "server-round": rnd,
+                           "num-rounds": store.manifest["rounds"], **extra})
     content = RecordDict({"arrays": ArrayRecord(state), "config": config})
     return Message(content, dst_node_id=0, message_type="train")
 
