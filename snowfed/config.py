@@ -45,12 +45,24 @@ def group_options(group: str) -> list[str]:
 
 
 def load_group_option(group: str, name: str, key: str) -> DictConfig:
-    """Load configs/<group>/<name>.yaml; `key` is the config key that named it (for the error)."""
+    """Load configs/<group>/<name>.yaml as Hydra composes it alone; `key` is the config key that
+    named it (for the error).
+
+    A per-site option (`federation.hospitals[i].strategy: weak`) is read after Hydra composed
+    the run, so this follows the one form of defaults list the shipped options use, Hydra's
+    "extending a config of the same group": other options of the group, then `_self_`."""
     options = group_options(group)
     if name not in options:
         raise ConfigError(key, name, f"one of {', '.join(options)}")
     text = (resources.files(CONFIG_PACKAGE) / group / f"{name}.yaml").read_text()
-    return OmegaConf.create(text)
+    option = OmegaConf.create(text)
+    parents = list(option.pop("defaults", None) or [])
+    if parents and parents[-1] == "_self_":
+        parents.pop()
+    if not all(isinstance(p, str) and p in options and p != name for p in parents):
+        raise ValueError(f"configs/{group}/{name}.yaml: its defaults list may name only other "
+                         f"{group} options, then _self_; it has {parents}")
+    return OmegaConf.merge(*(load_group_option(group, p, key) for p in parents), option)
 
 
 def check_group_overrides(overrides: Iterable[str]) -> None:

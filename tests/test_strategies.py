@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from skimage.morphology import dilation, disk, erosion
 
 from snowfed.client.trainer import train_locally
-from snowfed.config import ConfigError, group_options, load_group_option
+from snowfed.config import ConfigError, compose, group_options, load_group_option
 from snowfed.models import build_model
 from snowfed.strategies import LocalStrategy, StrategySpec
 from snowfed.strategies.losses import LOSSES, detection_logit, tile_labels
@@ -249,6 +250,16 @@ def test_trainer_draws_batches_through_the_strategy():
     strategy.batch = lambda *args, **kw: calls.append(1) or original(*args, **kw)
     train_locally(build_model("shortres", num_classes=2, width=8), strategy, torch.Generator())
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name", group_options("strategy"))
+def test_a_strategy_named_per_site_is_the_option_hydra_composes(name):
+    """The strategy files extend baseline through Hydra's defaults list; a site that names one
+    (read after composition, snowfed.config.load_group_option) gets what `strategy=<name>`
+    composes (four_hospitals, the default federation, sets no strategy key)."""
+    composed = OmegaConf.to_container(compose([f"strategy={name}"])["strategy"])
+    assert OmegaConf.to_container(load_group_option("strategy", name, "strategy")) == composed
+    assert "defaults" not in composed and composed["name"] == name
 
 
 def test_the_cosine_schedule_anneals_the_lr_over_the_whole_run():
