@@ -35,6 +35,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from snowfed import protocol
 from snowfed.evaluation import evaluate
 from snowfed.models import build_model
 from snowfed.rundir import atomic_write_bytes
@@ -45,7 +46,6 @@ from .privacy import DPSettings, PrivacyLedger, epsilon, resolve_dp
 from .trainer import PERSONALIZE_SALT, node_generator, personalize_locally, train_locally
 
 app = ClientApp()
-PARTITION_KEY = "partition-id"  # every reply names the node's partition among its metrics
 MEMORY_DIR = "node-memory"
 PRIVACY_LEDGER = "privacy.json"  # the node's DP-SGD step count, beside its memory
 
@@ -117,7 +117,7 @@ DATA_FORMATS = (STORE_FORMAT,)
 
 
 def _partition_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+    return int(context.node_config[protocol.PARTITION_ID])
 
 
 def _store_path(config, node_config) -> str:
@@ -130,7 +130,7 @@ def _store_path(config, node_config) -> str:
                              f"{DATA_FORMAT} must be one of {', '.join(DATA_FORMATS)}")
         return str(node_config[DATA_PATH])
     if "store" in config:
-        return str(config["store"])
+        return str(config[protocol.STORE])
     raise ValueError(f"no data for this node: its node config names no {DATA_PATH} and the "
                      "server's config names no federation store ('store' key)")
 
@@ -197,13 +197,14 @@ def _simulated_failure(node: _Node, server_round: int) -> None:
 
 
 def _generator(config, node: _Node, salt: int = 0) -> torch.Generator:
-    return node_generator(int(config["seed"]), int(config["server-round"]), node.partition_id, salt)
+    return node_generator(int(config[protocol.SEED]), int(config[protocol.SERVER_ROUND]),
+                          node.partition_id, salt)
 
 
-@app.query("identify")
+@app.query(protocol.IDENTIFY)
 def identify(msg: Message, context: Context) -> Message:
     """The server asks each node once which partition (hospital) it is."""
-    record = MetricRecord({PARTITION_KEY: _partition_id(context)})
+    record = MetricRecord({protocol.PARTITION_ID: _partition_id(context)})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
@@ -223,12 +224,12 @@ def central_dp_clipping(msg: Message, context: Context, call_next) -> Message:
 def train(msg: Message, context: Context) -> Message:
     node = _node(msg, context)
     config = msg.content["config"]
-    _simulated_failure(node, int(config["server-round"]))
+    _simulated_failure(node, int(config[protocol.SERVER_ROUND]))
     _load_global(node, msg)
     stats = train_locally(
         node.model, node.strategy, _generator(config, node), node.device, node.memory,
-        proximal_mu=float(config.get("proximal-mu", 0.0)), dp=node.dp,
-        run_round=(int(config["server-round"]), int(config["num-rounds"])),
+        proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)), dp=node.dp,
+        run_round=(int(config[protocol.SERVER_ROUND]), int(config[protocol.NUM_ROUNDS])),
     )
     _save_memory(node)
     privacy = {}
@@ -249,12 +250,12 @@ def train(msg: Message, context: Context) -> Message:
             "local-precision": local["precision"],
             "local-recall": local["recall"],
             "pseudo-labelled": stats.pseudo_labelled,
-            PARTITION_KEY: node.partition_id,
+            protocol.PARTITION_ID: node.partition_id,
             **privacy,
         }
     )
     state = {k: v.cpu() for k, v in node.model.state_dict().items()}
-    if _fails(node, int(config["server-round"]), "nan"):  # what a diverged site sends
+    if _fails(node, int(config[protocol.SERVER_ROUND]), "nan"):  # what a diverged site sends
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                  for k, v in state.items()}
     arrays = ArrayRecord(state)
@@ -267,12 +268,12 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     _load_global(node, msg)
     metrics = evaluate(node.model, node.data.val_images, node.data.val_targets, node.device)
     record = MetricRecord(
-        {"num-examples": len(node.data.val_images), PARTITION_KEY: node.partition_id, **metrics}
+        {"num-examples": len(node.data.val_images), protocol.PARTITION_ID: node.partition_id, **metrics}
     )
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
-@app.evaluate("personalize")
+@app.evaluate(protocol.PERSONALIZE)
 def personalize(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model on the node's own data (`steps` local steps of its
     strategy); report the global and the personalised model on the node's clean held-out split."""
@@ -281,10 +282,10 @@ def personalize(msg: Message, context: Context) -> Message:
     _load_global(node, msg)
     scores = personalize_locally(
         node.model, node.strategy, node.data.val_images, node.data.val_targets,
-        _generator(config, node, salt=PERSONALIZE_SALT), int(config["personalize-steps"]),
+        _generator(config, node, salt=PERSONALIZE_SALT), int(config[protocol.PERSONALIZE_STEPS]),
         node.device, node.memory,
     )
     record = MetricRecord(
-        {"num-examples": len(node.data.val_images), PARTITION_KEY: node.partition_id, **scores}
+        {"num-examples": len(node.data.val_images), protocol.PARTITION_ID: node.partition_id, **scores}
     )
     return Message(RecordDict({"metrics": record}), reply_to=msg)

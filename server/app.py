@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from snowfed import protocol
 from snowfed.evaluation import evaluate
 from snowfed.models import build_model
 from snowfed.rundir import (
@@ -53,7 +54,7 @@ from snowfed.store import FederationStore
 from .aggregation import build_aggregation, sites_per_round
 from .privacy import CENTRAL, central_epsilon, wrap_central_dp
 from .quality import LossProbe
-from .recording import NODE_KEY, RoundRecorder
+from .recording import RoundRecorder
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,10 @@ def _registration_order(grid: Grid, num_sites: int) -> dict[int, int] | None:
 
 def _ask_partitions(grid: Grid, store_path: str | None, node_ids: list[int]) -> dict[int, int]:
     """One `query.identify` message to each of `node_ids`; the partition of each that replied."""
-    config = ConfigRecord({"store": store_path} if store_path else {})
+    config = ConfigRecord({protocol.STORE: store_path} if store_path else {})
     messages = [Message(RecordDict({"config": config}), dst_node_id=nid,
-                        message_type="query.identify") for nid in node_ids]
-    return {reply.metadata.src_node_id: int(reply.content["metrics"][NODE_KEY])
+                        message_type=protocol.IDENTIFY_TYPE) for nid in node_ids]
+    return {reply.metadata.src_node_id: int(reply.content["metrics"][protocol.PARTITION_ID])
             for reply in _exchange(grid, messages, timeout=600)[0] if not reply.has_error()}
 
 
@@ -345,13 +346,12 @@ def run_federation(
         rng.python, rng.numpy = saved["random"], saved["numpy_random"]
         completed[saved["round"]] = saved["metrics"]
 
-    shared = {"store": str(store.path.resolve())} if share_store else {}
+    shared = {protocol.STORE: str(store.path.resolve())} if share_store else {}
     partitions = identify_nodes(grid, recorder, shared.get("store"))
     grid = PartitionOrderedGrid(grid, partitions)
     node_ids = grid.get_node_ids()
-    # num-rounds: where the sites' lr schedule stands (the run's rounds, more after a resume
-    # that extends it)
-    node_config = {**shared, "seed": int(cfg["seed"]), "num-rounds": int(cfg["rounds"])}
+    # the run's rounds (more after a resume that extends it)
+    node_config = {**shared, protocol.SEED: int(cfg["seed"]), protocol.NUM_ROUNDS: int(cfg["rounds"])}
 
     def send_train(rnd: int, arrays: ArrayRecord) -> _Sent:
         with rng.active():
@@ -397,8 +397,8 @@ def run_federation(
     save_model(run_dir, arrays.to_torch_state_dict())
     steps = int(cfg.get("personalize_steps", 0))
     if steps > 0:
-        personalize(grid, recorder, node_ids, arrays, {**node_config, "personalize-steps": steps,
-                                                       "server-round": int(cfg["rounds"])}, timeout)
+        personalize(grid, recorder, node_ids, arrays, {**node_config, protocol.PERSONALIZE_STEPS: steps,
+                                                       protocol.SERVER_ROUND: int(cfg["rounds"])}, timeout)
     last = max(completed)
     return FederationResult(rounds_completed=last, final_metrics=completed[last])
 
@@ -415,8 +415,8 @@ def personalize(
     its clean held-out split (metrics.jsonl phase `personalize`, after the last round)."""
     messages = [
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=nid,
-                message_type="evaluate.personalize")
+                message_type=protocol.PERSONALIZE_TYPE)
         for nid in node_ids
     ]
     replies, missing = _exchange(grid, messages, timeout)
-    recorder.record_replies(int(config["server-round"]), "personalize", replies, missing, timeout)
+    recorder.record_replies(int(config[protocol.SERVER_ROUND]), "personalize", replies, missing, timeout)

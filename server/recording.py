@@ -13,9 +13,9 @@ from pathlib import Path
 
 from flwr.app import Message
 
+from snowfed import protocol
 from snowfed.rundir import append_jsonl
 
-NODE_KEY = "partition-id"  # every node reply carries its partition id among its metrics
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -84,7 +84,7 @@ class RoundRecorder:
                                 "phase": phase, **site_error(msg.error.reason)})
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
-            name = self.node_names[int(metrics.pop(NODE_KEY))]
+            name = self.node_names[int(metrics.pop(protocol.PARTITION_ID))]
             if self.names_by_node_id.setdefault(src, name) != name:
                 raise RuntimeError(
                     f"node {src} replied as {name!r} but was identified as "

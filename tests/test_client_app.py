@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from snowfed import protocol
 from snowfed.client import app as client_app
 from snowfed.models import stage_keys
 from snowfed.server.app import build_global_model
@@ -20,8 +21,9 @@ def _task_identity():
 
 
 def _train_message(store, state, rnd, **extra):
-    config = ConfigRecord({"store": str(store.path), "seed": 0, "server-round": rnd,
-                           "num-rounds": store.manifest["rounds"], **extra})
+    config = ConfigRecord({protocol.STORE: str(store.path), protocol.SEED: 0,
+                           protocol.SERVER_ROUND: rnd, protocol.NUM_ROUNDS: store.manifest["rounds"],
+                           **extra})
     content = RecordDict({"arrays": ArrayRecord(state), "config": config})
     return Message(content, dst_node_id=0, message_type="train")
 
@@ -32,7 +34,7 @@ def test_node_memory_survives_a_fresh_process(smoke_cfg, tmp_path):
     smoke_cfg["strategy"]["freeze_stages"] = 2
     smoke_cfg["strategy"]["local_steps"] = 2
     _, store = prepare(smoke_cfg, tmp_path / "run")
-    context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(),
+    context = Context(run_id=1, node_id=0, node_config={protocol.PARTITION_ID: 1}, state=RecordDict(),
                       run_config={})
     model = build_global_model(smoke_cfg["model"], 2, seed=0)
     first = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,7 +60,7 @@ def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
 
     def reply(**extra):
         client_app._STORES.clear()
-        context = Context(run_id=1, node_id=0, node_config={"partition-id": 0},
+        context = Context(run_id=1, node_id=0, node_config={protocol.PARTITION_ID: 0},
                           state=RecordDict(), run_config={})
         msg = client_app.train(_train_message(store, state, 1, **extra), context)
         return msg.content["arrays"].to_torch_state_dict()
@@ -76,7 +78,7 @@ def test_nodes_of_one_process_share_one_model_and_never_see_each_others_weights(
     state = build_global_model(smoke_cfg["model"], 2, seed=0).state_dict()
 
     def train(partition: int):
-        context = Context(run_id=1, node_id=partition, node_config={"partition-id": partition},
+        context = Context(run_id=1, node_id=partition, node_config={protocol.PARTITION_ID: partition},
                           state=RecordDict(), run_config={})
         reply = client_app.train(_train_message(store, state, 1), context)
         return reply.content["arrays"].to_torch_state_dict()

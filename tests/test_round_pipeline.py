@@ -182,13 +182,14 @@ def test_the_simulations_node_order_is_its_partition_order():
 def test_a_reply_that_contradicts_the_identified_partition_stops_the_run(tmp_path):
     from flwr.app import MetricRecord
 
-    from snowfed.server.recording import NODE_KEY, RoundRecorder
+    from snowfed.protocol import PARTITION_ID
+    from snowfed.server.recording import RoundRecorder
 
     recorder = RoundRecorder(tmp_path / "metrics.jsonl", ["alpha", "beta"])
     recorder.names_by_node_id = {11: "alpha", 12: "beta"}
 
     def reply(node_id: int, partition: int) -> Message:
-        msg = Message(RecordDict({"metrics": MetricRecord({NODE_KEY: partition, "f1": 0.5})}),
+        msg = Message(RecordDict({"metrics": MetricRecord({PARTITION_ID: partition, "f1": 0.5})}),
                       dst_node_id=node_id, message_type="evaluate")
         msg.metadata.__dict__["_src_node_id"] = node_id
         return msg
