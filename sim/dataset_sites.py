@@ -41,7 +41,7 @@ from snowfed.store import FederationStore, contiguous_layout, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .federation import _failure, _noise, _strategy, check_strategy_for_task, expand_hospitals
+from .federation import _failure, _noise, _strategy, expand_hospitals
 from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .noise import SnowNoise, degrade_dataset
 from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
@@ -206,7 +206,7 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
         names.add(name)
         strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
         strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
-        check_strategy_for_task(strategy, strategy_key, task)
+        strategy.require_task(task, strategy_key)
         noise_spec, noise_key = h.get("noise"), f"{key}.noise"
         if global_noise is not None:
             noise_spec, noise_key = {"preset": global_noise["name"], **global_noise}, "noise"

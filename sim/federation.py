@@ -118,32 +118,6 @@ def _failure(spec: Any, key: str) -> dict[str, Any] | None:
     return {"rounds": [int(r) for r in listed], "mode": mode, "stall_s": stall_s}
 
 
-# parts of a local strategy that only make sense on masks (tiles, pixels, objects), or per image
-SEGMENTATION_ONLY = {"sampler": ("positive",), "loss": ("weak", "soft_weak")}
-CLASSIFICATION_ONLY = {"loss": ("coteaching",)}
-NONE_FOR_CLASSIFICATION = ("label_transform", "augmentation", "teacher")
-
-
-def check_strategy_for_task(spec: StrategySpec, key: str, task: str) -> None:
-    """Refuse parts that cannot work on this task's labels, naming the part."""
-    if task == "classification":
-        for part, names in SEGMENTATION_ONLY.items():
-            value = getattr(spec, part)
-            require(value not in names, f"{key}.{part}", value,
-                    f"not {', '.join(names)} with task=classification (it works on masks)")
-        for part in NONE_FOR_CLASSIFICATION:
-            value = getattr(spec, part)
-            require(value == "none", f"{key}.{part}", value,
-                    "none with task=classification (snowfed has it for masks only)")
-        require(spec.init != "autoencoder", f"{key}.init", spec.init,
-                "none or checkpoint with task=classification (the autoencoder needs ShortRes)")
-    else:
-        for part, names in CLASSIFICATION_ONLY.items():
-            value = getattr(spec, part)
-            require(value not in names, f"{key}.{part}", value,
-                    f"not {', '.join(names)} with task=segmentation")
-
-
 def expand_hospitals(spec: Any) -> list[Mapping[str, Any]]:
     """`federation.hospitals`: a list of hospitals, or {count: N, name: PREFIX, key: value...}
     for N alike hospitals named PREFIX000, PREFIX001, ... (the many-site benchmarks: 100 or 1000
@@ -258,7 +232,7 @@ def resolve_federation(cfg: Mapping[str, Any]):
         names.add(name)
         strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
         strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
-        check_strategy_for_task(strategy, strategy_key, "segmentation")
+        strategy.require_task("segmentation", strategy_key)
         require(strategy.tile_size <= image_size, f"{strategy_key}.tile_size", strategy.tile_size,
                 f"at most dataset.image_size={image_size} (a tile is cut from one image)")
         if global_noise is not None:

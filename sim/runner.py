@@ -283,13 +283,7 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
     for i, h in enumerate(plan.hospitals):
         key = f"federation.hospitals[{i}].strategy" if hospitals_cfg[i].get(
             "strategy") is not None else "strategy"
-        require(h.strategy.init != "autoencoder", f"{key}.init", h.strategy.init,
-                "not autoencoder with privacy=dp_sgd (its pre-training on the site's images is "
-                "not private)")
-        require(h.strategy.loss != "coteaching", f"{key}.loss", h.strategy.loss,
-                "not coteaching with privacy=dp_sgd (its peer network trains without DP)")
-        require(h.strategy.teacher != "clean", f"{key}.teacher", h.strategy.teacher,
-                "not clean with privacy=dp_sgd (the teacher's training is not private)")
+        h.strategy.require_private(key)
     from opacus.validators import ModuleValidator
 
     from .federation import configured_model

@@ -224,5 +224,5 @@ AUGMENTATIONS: dict[str, Part] = {
         "blur_sigma": Param(1.0, number(0.0)),
         "noise_p": Param(0.2, number(0.0, 1.0)),
         "noise_std": Param(0.02, number(0.0)),
-    }),
+    }, tasks=("segmentation",)),
 }

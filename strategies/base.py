@@ -35,6 +35,7 @@ from .teacher import TEACHERS, NoTeacher
 from .transforms import LABEL_TRANSFORMS, LabelTransform
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+LABELS_OF = {"segmentation": "masks", "classification": "one label per image"}  # task -> labels
 # How the learning rate moves over a run's local steps (docs/results/learning.md, "The swings"):
 # `cosine` anneals it from `lr` to 0 over rounds x local_steps, so that the last rounds settle;
 # `constant` keeps `lr` throughout (the behaviour before schedules existed).
@@ -83,6 +84,25 @@ class StrategySpec:
     teacher_params: dict[str, Any] = field(default_factory=dict)
     # a spec stored before schedules existed (a store being resumed) ran at a constant lr
     lr_schedule: str = "constant"
+
+    def require_task(self, task: str, key: str) -> None:
+        """Refuse a part that cannot use this task's labels (each part declares its tasks);
+        `key` is where the strategy sits in the config."""
+        for name, registry in PARTS.items():
+            chosen = getattr(self, name)
+            if task not in registry[chosen].tasks:
+                allowed = [option for option, part in registry.items() if task in part.tasks]
+                works_on = " or ".join(LABELS_OF[t] for t in registry[chosen].tasks)
+                raise ConfigError(f"{key}.{name}", chosen, f"one of {', '.join(allowed)} with "
+                                  f"task={task} ({chosen} works on {works_on})")
+
+    def require_private(self, key: str) -> None:
+        """Refuse a part that cannot run under DP-SGD (each part says why not)."""
+        for name, registry in PARTS.items():
+            chosen = getattr(self, name)
+            why = registry[chosen].not_private
+            if why is not None:
+                raise ConfigError(f"{key}.{name}", chosen, f"not {chosen} with privacy=dp_sgd ({why})")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], key: str = "strategy") -> StrategySpec:

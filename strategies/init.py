@@ -145,6 +145,8 @@ INITS: dict[str, Part] = {
             "lr": Param(1e-3, number(0.0, low_open=True)),
             "weight_l1": Param(1e-5, number(0.0)),  # SNOW's L1 penalty on the weights
         },
+        tasks=("segmentation",),  # the autoencoder's decoder is ShortRes's
+        not_private="its pre-training on the site's images is not private",
     ),
     "checkpoint": Part(checkpoint, {"path": Param(LAST_RUN, _path)}),
 }

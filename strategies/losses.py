@@ -134,7 +134,9 @@ LOSSES: dict[str, Part] = {
         bootstrap, {"beta": Param(0.95, number(0.0, 1.0)), "mode": Param("soft", choice("soft", "hard"))}
     ),
     "coteaching": Part(CoTeaching, {"forget_rate": Param(0.2, number(0.0, 0.95)),
-                                    "warmup_steps": Param(100, integer(1))}),
-    "weak": Part(weak, {"threshold": THRESHOLD}),
-    "soft_weak": Part(soft_weak, {"threshold": THRESHOLD}),
+                                    "warmup_steps": Param(100, integer(1))},
+                       tasks=("classification",),  # it selects whole samples
+                       not_private="its peer network trains without DP"),
+    "weak": Part(weak, {"threshold": THRESHOLD}, tasks=("segmentation",)),
+    "soft_weak": Part(soft_weak, {"threshold": THRESHOLD}, tasks=("segmentation",)),
 }

@@ -1,4 +1,4 @@
-"""The one way a strategy part (sampler, loss, label transform) is registered and configured.
+"""The one way a strategy part (sampler, loss, label transform, ...) is registered and configured.
 
 A part is a factory plus the schema of its parameters. The config names the part and gives a
 mapping of parameters; `Part.resolve` checks that mapping against the schema (unknown names and
@@ -59,12 +59,21 @@ def choice(*options: str) -> Check:
     return check
 
 
+TASKS = ("segmentation", "classification")
+
+
 @dataclass(frozen=True)
 class Part:
-    """A registered part: `build(*args, **params)` makes it; `params` is its parameter schema."""
+    """A registered part: `build(*args, **params)` makes it; `params` is its parameter schema.
+
+    A part also says where it works: `tasks`, the tasks whose labels it can use, and
+    `not_private`, why it cannot run under DP-SGD (None: it can). The config checks of
+    snowfed.strategies.base are generated from these."""
 
     build: Callable[..., Any]
     params: Mapping[str, Param] = field(default_factory=dict)
+    tasks: tuple[str, ...] = TASKS
+    not_private: str | None = None
 
     def resolve(self, given: Any, key: str) -> dict[str, Any]:
         """Validated parameters with defaults filled in; `key` is where `given` sits (errors)."""

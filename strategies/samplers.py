@@ -138,5 +138,5 @@ class PositiveTileSampler:
 
 SAMPLERS: dict[str, Part] = {
     "random": Part(RandomTileSampler),
-    "positive": Part(PositiveTileSampler),
+    "positive": Part(PositiveTileSampler, tasks=("segmentation",)),  # tiles with annotation
 }

@@ -142,9 +142,12 @@ def _common() -> dict[str, Param]:
 
 TEACHERS: dict[str, Part] = {
     "none": Part(lambda images, labels: NoTeacher()),
-    "global": Part(lambda images, labels, **p: Teacher("global", None, None, **p), _common()),
+    "global": Part(lambda images, labels, **p: Teacher("global", None, None, **p), _common(),
+                   tasks=("segmentation",)),
     "clean": Part(
         lambda images, labels, **p: Teacher("clean", images, labels, **p),
         {**_common(), "steps": Param(200, integer(1))},
+        tasks=("segmentation",),
+        not_private="the teacher's training is not private",
     ),
 }

@@ -68,6 +68,7 @@ def noisy_negatives(p: float) -> LabelTransform:
 
 LABEL_TRANSFORMS: dict[str, Part] = {
     "none": Part(keep),
-    "dilate_erode": Part(dilate_erode, {"radius": Param(5, integer(0))}),
-    "noisy_negatives": Part(noisy_negatives, {"p": Param(0.5, number(0.0, 1.0))}),
+    "dilate_erode": Part(dilate_erode, {"radius": Param(5, integer(0))}, tasks=("segmentation",)),
+    "noisy_negatives": Part(noisy_negatives, {"p": Param(0.5, number(0.0, 1.0))},
+                            tasks=("segmentation",)),
 }

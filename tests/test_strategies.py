@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -18,7 +18,9 @@ from snowfed.client.trainer import train_locally
 from snowfed.config import ConfigError, compose, group_options, load_group_option
 from snowfed.models import build_model
 from snowfed.strategies import LocalStrategy, StrategySpec
+from snowfed.strategies.base import PARTS
 from snowfed.strategies.losses import LOSSES, detection_logit, tile_labels
+from snowfed.strategies.parts import TASKS
 from snowfed.strategies.samplers import PositiveTileSampler
 from snowfed.strategies.transforms import LABEL_TRANSFORMS
 
@@ -260,6 +262,33 @@ def test_a_strategy_named_per_site_is_the_option_hydra_composes(name):
     composed = OmegaConf.to_container(compose([f"strategy={name}"])["strategy"])
     assert OmegaConf.to_container(load_group_option("strategy", name, "strategy")) == composed
     assert "defaults" not in composed and composed["name"] == name
+
+
+def test_the_task_and_dp_sgd_checks_come_from_each_parts_own_declaration():
+    base = StrategySpec.from_config(BASE)  # random tiles, cross-entropy: both tasks, private
+    only, refused_by_dp = {task: set() for task in TASKS}, set()
+    for name, registry in PARTS.items():
+        for option, part in registry.items():
+            spec = replace(base, **{name: option})
+            for task in TASKS:
+                if task in part.tasks:
+                    spec.require_task(task, "s")
+                else:
+                    with pytest.raises(ConfigError, match=rf"s\.{name}='{option}'.*with task={task}"):
+                        spec.require_task(task, "s")
+                    only[next(t for t in TASKS if t != task)].add(f"{name}={option}")
+            if part.not_private:
+                with pytest.raises(ConfigError, match=rf"s\.{name}='{option}'.*privacy=dp_sgd"):
+                    spec.require_private("s")
+                refused_by_dp.add(f"{name}={option}")
+            else:
+                spec.require_private("s")
+    assert only["classification"] == {"loss=coteaching"}
+    assert only["segmentation"] == {
+        "sampler=positive", "loss=weak", "loss=soft_weak", "label_transform=dilate_erode",
+        "label_transform=noisy_negatives", "augmentation=histo", "init=autoencoder",
+        "teacher=global", "teacher=clean"}
+    assert refused_by_dp == {"init=autoencoder", "loss=coteaching", "teacher=clean"}
 
 
 def test_the_cosine_schedule_anneals_the_lr_over_the_whole_run():
