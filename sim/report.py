@@ -212,8 +212,9 @@ class Table:
                 f"(u n): n of them are undecided, their final model has p(foreground) within "
                 f"{UNDECIDED_MARGIN} of 0.5 on at least {UNDECIDED_SHARE:.0%} of the foreground "
                 f"pixels, so small updates flip its F1 (more rounds do not settle it): "
-                f"{undecided} of the {unsettled}. The other unsettled cells report optimisation "
-                "as much as label quality.\n")
+                f"{undecided} of the {unsettled}."
+                + (" The other unsettled runs report optimisation as much as label quality."
+                   if unsettled > undecided else "") + "\n")
 
     def csv(self) -> str:
         out = io.StringIO()
