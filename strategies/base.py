@@ -36,7 +36,7 @@ from .transforms import LABEL_TRANSFORMS, LabelTransform
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 LABELS_OF = {"segmentation": "masks", "classification": "one label per image"}  # task -> labels
-# How the learning rate moves over a run's local steps (docs/results/learning.md, "The swings"):
+# How the learning rate moves over a run's local steps (docs/results/learning.md, section 5):
 # `cosine` anneals it from `lr` to 0 over rounds x local_steps, so that the last rounds settle;
 # `constant` keeps `lr` throughout (the behaviour before schedules existed).
 LR_SCHEDULES = ("constant", "cosine")
