@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from snowfed.diagnostics import STABLE_RANGE, UNDECIDED_MARGIN, UNDECIDED_SHARE, diagnose
+from snowfed.diagnostics import STABLE_RANGE, UNDECIDED_MARGIN, UNDECIDED_SHARE, diagnose, is_undecided
 from snowfed.rundir import CONFIG, SUMMARY, atomic_write_text
 
 MISSING = "-"
@@ -254,9 +254,7 @@ def build_table(
         diagnostics = run_diagnostics(run)
         flags[r, c][0] += diagnostics.get("degenerate") is True
         flags[r, c][1] += diagnostics.get("stable") is False
-        undecided = diagnostics.get("undecided")
-        flags[r, c][2] += (diagnostics.get("stable") is False and isinstance(undecided, int | float)
-                           and undecided >= UNDECIDED_SHARE)
+        flags[r, c][2] += is_undecided(diagnostics)
     cells = {(r, c): Cell(tuple(grouped.get((r, c), ())), *flags.get((r, c), (0, 0, 0)))
              for r in rows for c in cols}
     return Table(rows, cols, cells, row_key, col_key, metric, skipped)

@@ -84,6 +84,14 @@ def diagnose(history: Sequence[Mapping[str, Any]], metric: str = "f1") -> dict[s
     }
 
 
+def is_undecided(diagnostics: Mapping[str, Any]) -> bool:
+    """An unsettled run whose final model is undecided on at least UNDECIDED_SHARE of the
+    foreground pixels: more rounds do not settle it."""
+    share = diagnostics.get("undecided")
+    return (diagnostics.get("stable") is False and isinstance(share, int | float)
+            and share >= UNDECIDED_SHARE)
+
+
 def verdict(diagnostics: Mapping[str, Any]) -> str:
     """The diagnostics in words, for the last line of `snowfed run`."""
     if diagnostics.get("degenerate") is None:
@@ -97,10 +105,9 @@ def verdict(diagnostics: Mapping[str, Any]) -> str:
     if diagnostics["stable"] is None:
         return f"not judged for stability: {metric} over {window} round(s){since}"
     if not diagnostics["stable"]:
-        undecided = diagnostics.get("undecided")
-        why = (f"; the model is undecided on {undecided:.0%} of the foreground pixels (p within "
-               f"{UNDECIDED_MARGIN} of 0.5), so small updates flip them" if isinstance(undecided, int | float)
-               and undecided >= UNDECIDED_SHARE else "")
+        why = (f"; the model is undecided on {diagnostics['undecided']:.0%} of the foreground "
+               f"pixels (p within {UNDECIDED_MARGIN} of 0.5), so small updates flip them"
+               if is_undecided(diagnostics) else "")
         return (f"not converged: {metric} still moving ±{moved / 2:.2f} over the last {window} "
                 f"rounds{since}{why}")
     return f"settled: {metric} within ±{moved / 2:.2f} over the last {window} rounds{since}"
