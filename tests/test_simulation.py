@@ -181,17 +181,28 @@ def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
     assert not wait_until_gone(started, 10.0)  # nothing it started outlives it by 10 s
 
 
-# transfer has its own test below; coteaching is a classification strategy (test_classification.py)
-@pytest.mark.parametrize("strategy", [s for s in group_options("strategy")
-                                      if s not in ("transfer", "coteaching")])
-def test_every_strategy_runs_a_smoke_round(strategy, tmp_path):
-    # the autoencoder's 200 pre-training steps are tests/test_init_teacher.py's subject; 20 here
-    short = ["strategy.init_params.steps=20"] if strategy.startswith("semi_supervised") else []
-    summary = run(compose(["federation=smoke", f"strategy={strategy}", "rounds=1", *short]),
-                  tmp_path / "r")
-    assert summary["status"] == "completed"
-    assert {n["strategy"] for n in summary["nodes"].values()} == {strategy}
-    assert all("train-loss" in n["final_train"] for n in summary["nodes"].values())
+def test_every_strategy_runs_a_smoke_round(tmp_path):
+    """Each segmentation strategy trains one smoke round through Ray. One sweep, one Ray start,
+    two runs at a time: ten Ray starts made this the suite's slowest group (about 3.5 min)."""
+    from snowfed.sim.runner import plain_config
+    from snowfed.sim.sweep import Job, run_sweep
+
+    # transfer has its own test below; coteaching is a classification strategy
+    # (test_classification.py)
+    strategies = [s for s in group_options("strategy") if s not in ("transfer", "coteaching")]
+    jobs = []
+    for strategy in strategies:
+        # the autoencoder's 200 pre-training steps are tests/test_init_teacher.py's subject
+        short = ["strategy.init_params.steps=20"] if strategy.startswith("semi_supervised") else []
+        cfg = compose(["federation=smoke", f"strategy={strategy}", "rounds=1", *short])
+        jobs.append(Job(plain_config(cfg), tmp_path / strategy))
+    outcomes = run_sweep(jobs, parallel=2)
+    assert len(outcomes) == len(strategies) >= 9
+    for strategy, outcome in zip(strategies, outcomes):
+        assert outcome.status == "completed", (strategy, outcome.error)
+        nodes = outcome.summary["nodes"].values()
+        assert {n["strategy"] for n in nodes} == {strategy}
+        assert all("train-loss" in n["final_train"] for n in nodes), strategy
 
 
 def test_transfer_from_the_last_run_keeps_its_encoder_through_the_federation(tmp_path):
