@@ -41,10 +41,10 @@ from snowfed.store import FederationStore, contiguous_layout, write_store
 from snowfed.strategies import StrategySpec
 
 from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .federation import _failure, _noise, _strategy, expand_hospitals
 from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
 from .noise import SnowNoise, degrade_dataset
 from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
+from .sites import ModelChecks, expand_hospitals, site_basics, snow_noise
 
 FEDERATION_KEYS = ("name", "partition", "val_fraction", "test_fraction", "split_level", "hospitals")
 SITE_KEYS = ("name", "noise", "strategy", "clean_fraction", "failure", "annotators", "shortcut")
@@ -115,7 +115,7 @@ def _class_noise(spec: Any, key: str, num_classes: int) -> tuple[str, dict[str, 
 
 
 def _seg_noise(spec: Any, key: str) -> tuple[str, dict[str, Any]]:
-    profile, noise = _noise(spec if spec is not None else "clean", key)
+    profile, noise = snow_noise(spec if spec is not None else "clean", key)
     return profile, asdict(noise)
 
 
@@ -170,11 +170,9 @@ def apply_shortcut(images: np.ndarray, shortcut: Mapping[str, Any]) -> np.ndarra
     return ((images >> drop) << drop).astype(np.uint8)
 
 
-def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
+def resolve(cfg: Mapping[str, Any], models: ModelChecks) -> DatasetPlan:
     """Validate a loaded-dataset federation: load the data (bad files fail here, before any
-    training) and check every site. `check_model(spec, key, num_classes)` checks a strategy against the model
-    (sim.federation's frozen-stage and checkpoint checks)."""
-
+    training) and check every site."""
     task = cfg["task"]["name"]
     dataset = load_dataset(cfg["dataset"])
     require(dataset.task == task, "task", task,
@@ -194,37 +192,24 @@ def resolve(cfg: Mapping[str, Any], check_model) -> DatasetPlan:
             "hospital (none: one per site folder, with dataset.layout=sites)")
     require_int(cfg.get("rounds"), "rounds", 1)
     C = dataset.num_classes
-    global_noise = cfg.get("noise")
     sites, names = [], set()
     for i, h in enumerate(sites_cfg):
         key = f"federation.hospitals[{i}]"
         require_keys(h, SITE_KEYS, key, "a key of a hospital over a loaded dataset", "num_images "
                      "and appearance are for dataset=synthetic: here the partition sizes the sites")
-        name = h.get("name")
-        require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
-                "a unique non-empty name")
-        names.add(name)
-        strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
-        strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
-        strategy.require_task(task, strategy_key)
-        noise_spec, noise_key = h.get("noise"), f"{key}.noise"
-        if global_noise is not None:
-            noise_spec, noise_key = {"preset": global_noise["name"], **global_noise}, "noise"
+        site = site_basics(h, i, cfg, task, names, models, C)
         if task == "classification":
-            profile, noise = _class_noise(noise_spec, noise_key, C)
+            profile, noise = _class_noise(site.noise_spec, site.noise_key, C)
         else:
-            profile, noise = _seg_noise(noise_spec, noise_key)
+            profile, noise = _seg_noise(site.noise_spec, site.noise_key)
         annotators = _annotators(h.get("annotators"), f"{key}.annotators", task, C)
         if annotators is not None:
             require(h.get("noise") in (None, "clean"), f"{key}.noise", h.get("noise"),
                     f"unset when {key}.annotators is set (the annotators' votes are the labels)")
             profile = f"annotators:{annotators['fusion']}"
         sites.append(Site(
-            name=name, strategy=check_model(strategy, strategy_key, C), noise_profile=profile,
-            noise=noise,
-            clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction", 0.0, 1.0),
-            failure=_failure(h.get("failure"), f"{key}.failure"),
-            annotators=annotators,
+            name=site.name, strategy=site.strategy, noise_profile=profile, noise=noise,
+            clean_fraction=site.clean_fraction, failure=site.failure, annotators=annotators,
             shortcut=_shortcut(h.get("shortcut"), f"{key}.shortcut", task, C),
         ))
     # unset (null) keys are left to the partitioner's defaults, so one yaml lists them all

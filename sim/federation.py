@@ -1,33 +1,27 @@
-"""The virtual federation: turn the `federation` config into hospitals with data, appearance,
-noisy labels and a local strategy, validated up front and written once as a federation store."""
+"""The synthetic federation: turn the `federation` config into hospitals with data, appearance,
+noisy labels and a local strategy, validated up front and written once as a federation store.
+What every site has is parsed by sim.sites; a loaded dataset is cut into sites by
+sim.dataset_sites."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from snowfed.config import (
-    ConfigError,
-    load_group_option,
-    require,
-    require_int,
-    require_keys,
-    require_number,
-)
+from snowfed.config import ConfigError, require, require_int, require_keys, require_number
 from snowfed.data.synthetic import Appearance, generate
-from snowfed.models import MODEL_TASKS, MODELS, NORMS, build_model
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
 from snowfed.store import ARRAYS, FederationStore, write_store
 from snowfed.strategies import StrategySpec
-from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
 
+from . import dataset_sites
 from .noise import SnowNoise, degrade_dataset
+from .sites import ModelChecks, expand_hospitals, site_basics, snow_noise
 
-NOISE_FIELDS = ("p_remove", "sigma", "simplify_every", "bounding_box")
 APPEARANCE_FIELDS = tuple(Appearance.__dataclass_fields__)
 
 
@@ -54,38 +48,6 @@ class FederationPlan:
     server_val_per_site: int = 0  # clean images the server holds per site appearance (quality)
 
 
-def _noise(spec: Any, key: str) -> tuple[str, SnowNoise]:
-    """A preset name, or {preset: NAME, field: value...}, as a validated SnowNoise."""
-    if isinstance(spec, str):
-        spec = {"preset": spec}
-    require(isinstance(spec, Mapping), key, spec, "a noise preset name or a mapping")
-    if "preset" in spec:
-        base = dict(load_group_option("noise", spec["preset"], f"{key}.preset"))
-        params = {**base, **{k: v for k, v in spec.items() if k != "preset"}}
-    else:
-        params = dict(spec)
-    name = str(params.pop("name", spec.get("preset", "custom")))
-    require_keys(params, NOISE_FIELDS, key, "a noise parameter")
-    noise = SnowNoise(
-        p_remove=require_number(params.get("p_remove", 0.0), f"{key}.p_remove", 0.0, 1.0),
-        sigma=require_number(params.get("sigma", 0.0), f"{key}.sigma", low=0.0),
-        simplify_every=require_int(params.get("simplify_every", 1), f"{key}.simplify_every", 1),
-        bounding_box=bool(params.get("bounding_box", False)),
-    )
-    return name, noise
-
-
-def _strategy(spec: Any, default: Mapping[str, Any], key: str) -> StrategySpec:
-    """The node's strategy: the global default, a named option, or {name: NAME, key: value}."""
-    if spec is None:
-        return StrategySpec.from_config(default, "strategy")
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    require(isinstance(spec, Mapping) and "name" in spec, key, spec, "a strategy name or mapping")
-    base = dict(load_group_option("strategy", spec["name"], f"{key}.name"))
-    return StrategySpec.from_config({**base, **spec}, key)
-
-
 def _appearance(spec: Any, key: str) -> Appearance:
     spec = dict(spec or {})
     require_keys(spec, APPEARANCE_FIELDS, key, "a field of Appearance")
@@ -95,104 +57,9 @@ def _appearance(spec: Any, key: str) -> Appearance:
     return Appearance(**spec)
 
 
-FAILURE_MODES = ("raise", "stall", "nan")  # nan: the site replies with a NaN update (diverged)
-
-
-def _failure(spec: Any, key: str) -> dict[str, Any] | None:
-    """A hospital's simulated failure: {rounds: [..], mode: raise|stall|nan, stall_s: seconds}."""
-    if spec is None:
-        return None
-    require(isinstance(spec, Mapping), key, spec, "a mapping {rounds: [...], mode: raise|stall|nan}")
-    require_keys(spec, ("rounds", "mode", "stall_s"), key, "a key of failure")
-    listed = spec.get("rounds")
-    require(isinstance(listed, (list, tuple)) and len(listed) > 0, f"{key}.rounds", listed,
-            "a non-empty list of round numbers")
-    for r in listed:
-        require_int(r, f"{key}.rounds", 1)
-    mode = spec.get("mode", "raise")
-    require(mode in FAILURE_MODES, f"{key}.mode", mode, f"one of {', '.join(FAILURE_MODES)}"
-            + (" (quote it, mode:'nan': a bare nan is read as a number)"
-               if isinstance(mode, float) else ""))
-    stall_s = require_number(spec.get("stall_s", 0.0), f"{key}.stall_s", low=0.0)
-    require(mode != "stall" or stall_s > 0, f"{key}.stall_s", stall_s, "> 0 with mode stall")
-    return {"rounds": [int(r) for r in listed], "mode": mode, "stall_s": stall_s}
-
-
-def expand_hospitals(spec: Any) -> list[Mapping[str, Any]]:
-    """`federation.hospitals`: a list of hospitals, or {count: N, name: PREFIX, key: value...}
-    for N alike hospitals named PREFIX000, PREFIX001, ... (the many-site benchmarks: 100 or 1000
-    virtual sites are not written out one by one)."""
-    if not isinstance(spec, Mapping):
-        return list(spec or [])
-    count = require_int(spec.get("count"), "federation.hospitals.count", 1)
-    prefix = str(spec.get("name", "site"))
-    width = len(str(count - 1))
-    alike = {k: v for k, v in spec.items() if k not in ("count", "name")}
-    return [{"name": f"{prefix}{i:0{width}d}", **alike} for i in range(count)]
-
-
 def _num_verified(h: Hospital, val_fraction: float) -> int:
     n_val = max(1, int(round(val_fraction * h.num_images))) if val_fraction else 0
     return int(round(h.clean_fraction * (h.num_images - n_val)))
-
-
-def configured_model(cfg: Mapping[str, Any], num_classes: int | None = None):
-    """The configured network; `num_classes` from the dataset when the task does not fix it."""
-    model_cfg = dict(cfg["model"])
-    name = model_cfg.pop("name", None)
-    require(name in MODELS, "model.name", name, f"one of {', '.join(MODELS)}")
-    task = cfg["task"]["name"]
-    require(MODEL_TASKS[name] == task, "model.name", name,
-            f"a {task} model ({', '.join(m for m, t in MODEL_TASKS.items() if t == task)}) with task={task}")
-    _check_model_params(name, model_cfg)
-    return build_model(name, num_classes=int(num_classes or cfg["task"]["num_classes"]), **model_cfg)
-
-
-def _check_model_params(name: str, params: Mapping[str, Any]) -> None:
-    """The model's constructor signature is its schema: every `model.*` key must be one of its
-    parameters (but the task's num_classes), a whole-number one at least 1, `norm` one of NORMS."""
-    import inspect
-
-    signature = inspect.signature(MODELS[name])
-    allowed = [p for p in signature.parameters if p != "num_classes"]
-    for key, value in params.items():
-        require(key in allowed, f"model.{key}", value, f"a parameter of model {name} ({', '.join(allowed)})")
-        annotation = signature.parameters[key].annotation
-        if annotation in (int, "int"):
-            require_int(value, f"model.{key}", 1)
-        elif key == "norm":
-            require(value in NORMS, "model.norm", value, f"one of {', '.join(NORMS)}")
-
-
-def _check_against_model(spec: StrategySpec, model, cfg: Mapping[str, Any], key: str) -> StrategySpec:
-    """Checks of a strategy that need the configured model: stages to freeze, a checkpoint that
-    fits. A checkpoint path comes back resolved to its file, so the run records what it read."""
-    name = cfg["model"].get("name")
-    stages = [stage for stage, _ in model.named_stages]
-    require(spec.freeze_stages <= len(stages), f"{key}.freeze_stages", spec.freeze_stages,
-            f"an integer from 0 to {len(stages)} (the model's stages: {', '.join(stages)})")
-    if spec.init != "checkpoint":
-        return spec
-    path_key = f"{key}.init_params.path"
-    path = spec.init_params["path"]
-    if path == LAST_RUN:
-        root = Path(str(cfg.get("run_dir", "runs"))).parent
-
-        def fits(file: Path) -> bool:
-            try:
-                load_checkpoint(file, model, path_key)
-            except ConfigError:
-                return False
-            return True
-
-        found = last_run_checkpoint(root, fits)
-        require(found is not None, path_key, path,
-                f"a checkpoint file or run directory ({LAST_RUN!r}: the newest completed run under "
-                f"{root}/ whose final model fits model={name}; there is none yet)")
-        path = str(found)
-    load_checkpoint(path, model, path_key)
-    resolved = str(checkpoint_file(path).resolve())
-    return replace(spec, init_params={**spec.init_params, "path": resolved})
 
 
 SYNTHETIC = "synthetic"
@@ -201,17 +68,9 @@ SYNTHETIC = "synthetic"
 def resolve_federation(cfg: Mapping[str, Any]):
     """Validate the whole federation config; raise ConfigError on the first bad key. A loaded
     dataset (anything but dataset=synthetic) is cut into sites by sim.dataset_sites."""
+    models = ModelChecks(cfg)
     if cfg["dataset"]["name"] != SYNTHETIC:
-        from .dataset_sites import resolve  # it builds on this module's hospital checks
-
-        models = {}
-
-        def check_model(spec: StrategySpec, key: str, num_classes: int) -> StrategySpec:
-            if num_classes not in models:
-                models[num_classes] = configured_model(cfg, num_classes)
-            return _check_against_model(spec, models[num_classes], cfg, key)
-
-        return resolve(cfg, check_model)
+        return dataset_sites.resolve(cfg, models)
     require(cfg["task"]["name"] == "segmentation", "task", cfg["task"]["name"],
             "segmentation with dataset=synthetic (its labels are masks); pick a classification "
             "dataset (digits, npz, image_folder) for task=classification")
@@ -220,36 +79,25 @@ def resolve_federation(cfg: Mapping[str, Any]):
     require(len(hospitals_cfg) > 0, "federation.hospitals", len(hospitals_cfg),
             "a list of at least one hospital")
     require_int(cfg.get("rounds"), "rounds", 1)
-    global_noise = cfg.get("noise")
-    model = configured_model(cfg)
     image_size = require_int(cfg["dataset"].get("image_size"), "dataset.image_size", 16)
     hospitals, names = [], set()
     for i, h in enumerate(hospitals_cfg):
         key = f"federation.hospitals[{i}]"
-        name = h.get("name")
-        require(isinstance(name, str) and name and name not in names, f"{key}.name", name,
-                "a unique non-empty name")
-        names.add(name)
-        strategy = _strategy(h.get("strategy"), cfg["strategy"], f"{key}.strategy")
-        strategy_key = f"{key}.strategy" if h.get("strategy") is not None else "strategy"
-        strategy.require_task("segmentation", strategy_key)
-        require(strategy.tile_size <= image_size, f"{strategy_key}.tile_size", strategy.tile_size,
+        site = site_basics(h, i, cfg, "segmentation", names, models)
+        require(site.strategy.tile_size <= image_size, f"{site.strategy_key}.tile_size",
+                site.strategy.tile_size,
                 f"at most dataset.image_size={image_size} (a tile is cut from one image)")
-        if global_noise is not None:
-            profile, noise = _noise({"preset": global_noise["name"], **global_noise}, "noise")
-        else:
-            profile, noise = _noise(h.get("noise", "clean"), f"{key}.noise")
+        profile, noise = snow_noise(site.noise_spec, site.noise_key)
         hospitals.append(
             Hospital(
-                name=name,
+                name=site.name,
                 num_images=require_int(h.get("num_images"), f"{key}.num_images", 2),
                 appearance=_appearance(h.get("appearance"), f"{key}.appearance"),
                 noise_profile=profile,
                 noise=noise,
-                strategy=_check_against_model(strategy, model, cfg, strategy_key),
-                clean_fraction=require_number(h.get("clean_fraction", 0.0), f"{key}.clean_fraction",
-                                              0.0, 1.0),
-                failure=_failure(h.get("failure"), f"{key}.failure"),
+                strategy=site.strategy,
+                clean_fraction=site.clean_fraction,
+                failure=site.failure,
             )
         )
     val_fraction = require_number(fed.get("val_fraction"), "federation.val_fraction", 0.0, 0.9)
@@ -276,9 +124,7 @@ def build_store(plan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
     """Write the run's federation store: sim.dataset_sites for a loaded dataset, else the
     synthetic hospitals below."""
     if not isinstance(plan, FederationPlan):
-        from .dataset_sites import build
-
-        return build(plan, cfg, path)
+        return dataset_sites.build(plan, cfg, path)
     return _build_synthetic_store(plan, cfg, path)
 
 

@@ -53,7 +53,8 @@ from snowfed.sim.processes import end_children, ray_environment
 from snowfed.store import FederationStore
 from snowfed.tracking import RunTracking, validate_logger
 
-from .federation import build_store, expand_hospitals, node_facts, resolve_federation
+from .federation import build_store, node_facts, resolve_federation
+from .sites import configured_model, expand_hospitals
 
 STORE_DIR = "federation"
 F1_PLOT = "f1_per_round.png"
@@ -285,8 +286,6 @@ def _validate_privacy(cfg: Mapping[str, Any], plan) -> None:
             "strategy") is not None else "strategy"
         h.strategy.require_private(key)
     from opacus.validators import ModuleValidator
-
-    from .federation import configured_model
 
     errors = ModuleValidator.validate(configured_model(cfg, getattr(plan, "num_classes", None)), strict=False)
     require(not errors, "model", cfg["model"].get("name"),
