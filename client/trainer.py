@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from snowfed import seeds
 from snowfed.evaluation import evaluate
 from snowfed.strategies import LocalStrategy
 
@@ -117,4 +118,4 @@ PERSONALIZE_SALT = 7  # personalisation draws its own stream, not the last round
 def node_generator(seed: int, server_round: int, partition_id: int, salt: int = 0) -> torch.Generator:
     """The random stream of one node's round: reproducible per (seed, round, node), whichever
     Ray actor (or the in-process reference runs) computes it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + server_round * 1009 + partition_id + salt)
+    return torch.Generator().manual_seed(seeds.node_round(seed, server_round, partition_id, salt))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from snowfed import seeds
 from snowfed.config import (
     ConfigError,
     load_group_option,
@@ -267,7 +268,8 @@ def _cut(plan: DatasetPlan) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
     for i, part in enumerate(parts):
         idx = pool[part]
         try:
-            split = split_indices(idx, {"val": plan.val_fraction}, seed * 31 + i, groups=split_groups)
+            split = split_indices(idx, {"val": plan.val_fraction}, seeds.val_split(seed, i),
+                                  groups=split_groups)
         except ValueError as err:
             raise ConfigError(f"federation.hospitals[{i}]", names[i],
                               f"a site with enough images for its splits ({err})") from None
@@ -303,7 +305,7 @@ def _degrade_segmentation(site: Site, instances: np.ndarray, seed: int) -> tuple
     clean = (instances > 0).astype(np.uint8)
     if site.annotators is None:
         return degrade_dataset(instances, SnowNoise(**site.noise), seed=seed)
-    masks = np.stack([degrade_dataset(instances, SnowNoise(**spec), seed=seed * 11 + k)[0]
+    masks = np.stack([degrade_dataset(instances, SnowNoise(**spec), seed=seeds.annotator(seed, k))[0]
                       for k, spec in enumerate(site.annotators["noise"])])
     fused = pixel_majority(masks) if site.annotators["fusion"] == "majority" else staple(masks).mask
     fused = fused.astype(np.uint8)
@@ -343,11 +345,12 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
         store_train, store_val = ranges[2 * i], ranges[2 * i + 1]
         n_verified = int(round(site.clean_fraction * len(train)))
         degraded = train[n_verified:]
-        rng = np.random.default_rng([plan.seed, 104729, i])
+        rng = np.random.default_rng(seeds.class_noise(plan.seed, i))
         if task == "classification":
             labels, stats = _degrade_classification(site, data.targets[degraded], C, rng)
         else:
-            labels, stats = _degrade_segmentation(site, data.targets[degraded], plan.seed * 104729 + i)
+            labels, stats = _degrade_segmentation(site, data.targets[degraded],
+                                                   seeds.label_noise(plan.seed, i))
         noisy[degraded] = labels
         entry: dict[str, Any] = {
             "name": site.name, "train": store_train, "val": store_val,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from snowfed import seeds
 from snowfed.config import ConfigError, require, require_int, require_keys, require_number
 from snowfed.data.synthetic import Appearance, generate
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
@@ -145,7 +146,8 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
     for i, h in enumerate(plan.hospitals):
         n_test = plan.test_images_per_site
         total = h.num_images + n_test
-        imgs, inst = generate(total, plan.image_size, seed=plan.seed * 7919 + i, appearance=h.appearance)
+        imgs, inst = generate(total, plan.image_size, seed=seeds.site_images(plan.seed, i),
+                               appearance=h.appearance)
         n_val = max(1, int(round(plan.val_fraction * h.num_images))) if plan.val_fraction else 0
         n_train = h.num_images - n_val
         if n_train < 1:
@@ -156,7 +158,7 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
         # generated in the order test, val, train; the first n_verified training images keep
         # their clean labels, the rest are degraded
         labels, stats = degrade_dataset(inst[n_test + n_val + n_verified :], h.noise,
-                                        seed=plan.seed * 104729 + i)
+                                        seed=seeds.label_noise(plan.seed, i))
         clean_i = (inst > 0).astype(np.uint8)
         noisy_i = clean_i.copy()
         noisy_i[n_test + n_val + n_verified :] = labels
@@ -187,7 +189,7 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
         if plan.server_val_per_site:
             # the server's clean images in this site's appearance, from a seed of their own
             k = plan.server_val_per_site
-            imgs, inst = generate(k, plan.image_size, seed=plan.seed * 7919 + 500_009 + i,
+            imgs, inst = generate(k, plan.image_size, seed=seeds.server_images(plan.seed, i),
                                   appearance=h.appearance)
             mask = (inst > 0).astype(np.uint8)
             server_rows.append((imgs, mask, mask))

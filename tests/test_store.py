@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from snowfed import seeds
 from snowfed.config import compose
 from snowfed.data.synthetic import generate
 from snowfed.sim.label_noise import measure_noise
@@ -74,11 +75,12 @@ def test_synthetic_store_holds_each_site_contiguously_with_the_generated_images(
     server_images, _ = store.server_val_set()
     n_test, k = plan.test_images_per_site, plan.server_val_per_site
     for i, (h, node) in enumerate(zip(plan.hospitals, store.nodes)):
-        imgs, inst = generate(h.num_images + n_test, plan.image_size, seed=plan.seed * 7919 + i,
+        imgs, inst = generate(h.num_images + n_test, plan.image_size, seed=seeds.site_images(plan.seed, i),
                               appearance=h.appearance)
         n_val, n_verified = node["num_val"], len(node["verified"])
         train = slice(n_test + n_val, None)
-        noisy, stats = degrade_dataset(inst[train][n_verified:], h.noise, seed=plan.seed * 104729 + i)
+        noisy, stats = degrade_dataset(inst[train][n_verified:], h.noise,
+                                       seed=seeds.label_noise(plan.seed, i))
         assert stats == node["label_noise"]
         data = store.node_data(i)
         assert np.array_equal(data.images, imgs[train])
@@ -89,7 +91,8 @@ def test_synthetic_store_holds_each_site_contiguously_with_the_generated_images(
         assert data.verified.tolist() == [j < n_verified for j in range(node["num_train"])]
         assert np.array_equal(test_images[i * n_test : (i + 1) * n_test], imgs[:n_test])
         assert np.array_equal(test_targets[i * n_test : (i + 1) * n_test], inst[:n_test] > 0)
-        server, _ = generate(k, plan.image_size, seed=plan.seed * 7919 + 500_009 + i, appearance=h.appearance)
+        server, _ = generate(k, plan.image_size, seed=seeds.server_images(plan.seed, i),
+                             appearance=h.appearance)
         assert np.array_equal(server_images[i * k : (i + 1) * k], server)
 
 
