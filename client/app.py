@@ -2,8 +2,9 @@
 
 Where a node's data is: at a partner site (Flower's deployment engine) the SuperNode's own
 `--node-config` names it: `data-path` (a folder), `data-format` (`snowfed-store`, a federation
-store as snowfed.store writes it; loaders for a site's own image folders come with the
-data-loaders issue) and `partition-id` (which of the store's nodes this site is). In simulation
+store as snowfed.store writes it and `snowfed prepare` makes from any dataset config, is the one
+format: a node reads arrays, never a site's raw files) and `partition-id` (which of the store's
+nodes this site is). In simulation
 the node config holds only `partition-id` and the node opens the federation store that the
 server's config names. A site's own node config wins over the server's config.
 
