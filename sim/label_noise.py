@@ -13,26 +13,21 @@ Pure numpy so that the data side needs no torch; every config mistake raises
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from snowfed.config import ConfigError
+from snowfed.config import ConfigError, is_real
 
 KINDS = ("symmetric", "pairflip", "matrix")
 _ROW_SUM_TOL = 1e-6
 _CHUNK = 1 << 16  # labels per chunk in apply_transition: bounds the (chunk, C) comparison
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
-
-
 def _check_rate(rate: Any, key: str) -> float:
-    if not (_is_real(rate) and 0 <= rate <= 1):
+    if not (is_real(rate) and 0 <= rate <= 1):
         raise ConfigError(key, rate, "a number in [0, 1]")
     return float(rate)
 
@@ -97,11 +92,11 @@ def draw_rate(rate: Any, rng: np.random.Generator, key: str = "noise.rate") -> f
     different rate). A fixed rate consumes no draw from ``rng``; a range always consumes one,
     even when ``low == high``, so a site's later draws do not depend on the range's width.
     """
-    if _is_real(rate):
+    if is_real(rate):
         return _check_rate(rate, key)
     allowed = "a number in [0, 1] or a list [low, high] with 0 <= low <= high <= 1"
     is_list = isinstance(rate, (Sequence, np.ndarray)) and not isinstance(rate, (str, bytes))
-    if not (is_list and len(rate) == 2 and all(_is_real(x) for x in rate)):
+    if not (is_list and len(rate) == 2 and all(is_real(x) for x in rate)):
         raise ConfigError(key, rate, allowed)
     low, high = float(rate[0]), float(rate[1])
     if not 0 <= low <= high <= 1:

@@ -34,6 +34,8 @@ from scipy import ndimage
 from skimage.draw import polygon
 from skimage.measure import find_contours
 
+from snowfed.config import is_real
+
 
 @dataclass(frozen=True)
 class SnowNoise:
@@ -46,18 +48,14 @@ class SnowNoise:
 
     def __post_init__(self):
         p, sigma, f = self.p_remove, self.sigma, self.simplify_every
-        if not (_is_real(p) and 0 <= p <= 1):
+        if not (is_real(p) and 0 <= p <= 1):
             raise ValueError(f"p_remove must be a number in [0, 1], got {p!r}")
-        if not (_is_real(sigma) and 0 <= sigma < math.inf):
+        if not (is_real(sigma) and 0 <= sigma < math.inf):
             raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
         if not (isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1):
             raise ValueError(f"simplify_every must be an integer >= 1, got {f!r}")
         if not isinstance(self.bounding_box, (bool, np.bool_)):
             raise ValueError(f"bounding_box must be a bool, got {self.bounding_box!r}")
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def degrade(instances: np.ndarray, noise: SnowNoise, rng: np.random.Generator) -> np.ndarray:

@@ -6,6 +6,7 @@ user sees one paragraph before any data is generated or Ray starts.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
@@ -187,6 +188,12 @@ def require_keys(given: Mapping[str, Any], allowed: Sequence[str], key: str, wha
                 f"{what} ({', '.join(allowed)}{'; ' + note if note else ''})")
 
 
+def is_real(value: Any) -> bool:
+    """A real number, not a boolean and not NaN (YAML's `.nan` and a NaN from arithmetic are
+    refused wherever a number is expected)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+
+
 def require_int(value: Any, key: str, minimum: int) -> int:
     """An integer >= minimum (booleans are not integers here)."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
@@ -198,8 +205,9 @@ def require_number(
     value: Any, key: str, low: float | None = None, high: float | None = None,
     low_open: bool = False,
 ) -> float:
-    """A real number in [low, high] (either bound optional; `low_open`: above low, not at it)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number in [low, high] (either bound optional; `low_open`: above low, not at it);
+    never NaN."""
+    ok = is_real(value)
     ok = ok and (low is None or value > low or (value == low and not low_open))
     ok = ok and (high is None or value <= high)
     if low is not None and high is not None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from snowfed.config import ConfigError, require
+from snowfed.config import ConfigError, require, require_int, require_number
 
 Check = Callable[[Any, str], Any]  # (value, key) -> the plain validated value, or ConfigError
 
@@ -24,29 +24,12 @@ class Param(NamedTuple):
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Check:
     """A real number in [low, high], or (low, high] with low_open (either bound optional)."""
-    bounds = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
-    bounds += [f"<= {high}"] if high is not None else []
-    allowed = " ".join(["a number", " and ".join(bounds)]).strip()
-
-    def check(value: Any, key: str) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-        ok = ok and (low is None or (value > low if low_open else value >= low))
-        ok = ok and (high is None or value <= high)
-        require(ok, key, value, allowed)
-        return float(value)
-
-    return check
+    return lambda value, key: require_number(value, key, low, high, low_open)
 
 
 def integer(minimum: int) -> Check:
     """An integer >= minimum (booleans are not integers here)."""
-
-    def check(value: Any, key: str) -> int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        require(ok, key, value, f"an integer >= {minimum}")
-        return int(value)
-
-    return check
+    return lambda value, key: require_int(value, key, minimum)
 
 
 def choice(*options: str) -> Check:

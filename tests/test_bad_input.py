@@ -49,6 +49,7 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["logger=nope"], "logger='nope'", "one of mlflow, none, tensorboard"),
         # the local strategy and its parts
         (["strategy.lr=0"], "strategy.lr=0", "a number > 0.0"),
+        (["strategy.lr=nan"], "strategy.lr=nan", "a number > 0.0"),
         (["strategy.local_steps=0"], "strategy.local_steps=0", "an integer >= 1"),
         (["strategy.batch_size=0"], "strategy.batch_size=0", "an integer >= 1"),
         (["strategy.optimizer=rmsprop"], "strategy.optimizer='rmsprop'", "one of adam, sgd"),
@@ -60,7 +61,7 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["strategy.teacher=oracle"], "strategy.teacher='oracle'", "one of none, global, clean"),
         (["strategy.freeze_stages=99"], "strategy.freeze_stages=99", "an integer from 0 to 7"),
         (["strategy=teacher", "strategy.teacher_params.threshold=2"],
-         "strategy.teacher_params.threshold=2", ">= 0.5 and <= 1.0"),
+         "strategy.teacher_params.threshold=2", "a number in [0.5, 1.0]"),
         # label noise
         (["noise=noisy", "noise.simplify_every=0"], "noise.simplify_every=0", "an integer >= 1"),
         (["task=classification", "noise=symmetric", "noise.rate=1.5"], "noise.rate=1.5", "[0, 1]"),
@@ -74,6 +75,7 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["aggregation.fraction_train=1.5"], "aggregation.fraction_train=1.5", "(0.0, 1.0]"),
         (["aggregation.min_train_nodes=0"], "aggregation.min_train_nodes=0", "an integer >= 1"),
         (["aggregation=fedprox", "aggregation.proximal_mu=-1"], "aggregation.proximal_mu=-1", ">= 0.0"),
+        (["aggregation=fedprox", "aggregation.proximal_mu=nan"], "aggregation.proximal_mu=nan", ">= 0.0"),
         (["aggregation=krum", "aggregation.num_malicious_nodes=-1"],
          "aggregation.num_malicious_nodes=-1", "an integer >= 0"),
         (["aggregation=bulyan", "federation=smoke"], "aggregation.name='bulyan'", "at least 4*num_malicious"),

@@ -338,8 +338,8 @@ def test_label_transforms_refuse_multiclass_labels():
     ("change", "key", "allowed"),
     [
         ({"loss": "focal"}, "strategy.loss", "one of cross_entropy, gce"),
-        ({"loss": "gce", "loss_params": {"q": 0.0}}, "strategy.loss_params.q", "> 0.0 and <= 1.0"),
-        ({"loss": "gce", "loss_params": {"q": 1.5}}, "strategy.loss_params.q", "> 0.0 and <= 1.0"),
+        ({"loss": "gce", "loss_params": {"q": 0.0}}, "strategy.loss_params.q", "a number in (0.0, 1.0]"),
+        ({"loss": "gce", "loss_params": {"q": 1.5}}, "strategy.loss_params.q", "a number in (0.0, 1.0]"),
         ({"loss": "gce", "loss_params": {"qq": 0.5}}, "strategy.loss_params.qq", "(q)"),
         ({"loss": "bootstrap", "loss_params": {"mode": "medium"}}, "strategy.loss_params.mode",
          "one of soft, hard"),
