@@ -29,7 +29,7 @@ from snowfed.store import take_rows
 from .augment import AUGMENTATIONS, Augmentation
 from .init import INITS, Init
 from .losses import LOSSES, Loss
-from .parts import Part
+from .parts import Part, RoundLoss
 from .samplers import SAMPLERS
 from .teacher import TEACHERS, NoTeacher
 from .transforms import LABEL_TRANSFORMS, LabelTransform
@@ -211,7 +211,7 @@ class LocalStrategy:
             else:
                 model.load_state_dict({k: memory[INIT_KEY][k] for k in frozen}, strict=False)
         self.teacher.prepare(model, memory, self, generator, device)
-        if getattr(self.loss, "needs_inputs", False):
+        if isinstance(self.loss, RoundLoss):
             self.loss.start_round(model, memory, generator, spec.lr, OPTIMIZERS[spec.optimizer], device)
         frozen_set = set(frozen)
         trainable = []
@@ -233,13 +233,13 @@ class LocalStrategy:
         x, y = self.batch(generator, device, idx)
         y, teacher_logits = self.teacher.relabel(x, y)
         logits = model(x)
-        loss = self.loss(logits, y, x) if getattr(self.loss, "needs_inputs", False) else self.loss(logits, y)
+        loss = self.loss(logits, y, x) if isinstance(self.loss, RoundLoss) else self.loss(logits, y)
         return loss + self.teacher.extra_loss(logits, teacher_logits)
 
     def end_round(self, memory: dict[str, Any]) -> None:
         """After the round's steps: parts that learn alongside the model (co-teaching's peer)
         put their new state in the node's memory."""
-        if hasattr(self.loss, "end_round"):
+        if isinstance(self.loss, RoundLoss):
             self.loss.end_round(memory)
 
     def batch(
@@ -268,7 +268,7 @@ class LocalStrategy:
     def set_learning_rate(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         """Every network a step trains follows the schedule: the model's optimiser and a peer's
         (co-teaching's)."""
-        for opt in (optimizer, getattr(self.loss, "peer_optimizer", None)):
-            if opt is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr
+        own = self.loss.optimizers() if isinstance(self.loss, RoundLoss) else []
+        for opt in (optimizer, *own):
+            for group in opt.param_groups:
+                group["lr"] = lr

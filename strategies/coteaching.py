@@ -22,14 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .parts import RoundLoss
+
 PEER_KEY = "coteaching-peer"  # the peer network's weights in the node's memory
 STEP_KEY = "coteaching-step"  # local steps taken so far (the forget-rate schedule)
 
 
-class CoTeaching:
+class CoTeaching(RoundLoss):
     """The `coteaching` loss: bound to a peer network for the round by `start_round`."""
-
-    needs_inputs = True  # LocalStrategy passes the batch's images, not only the logits
 
     def __init__(self, forget_rate: float, warmup_steps: int):
         self.forget_rate, self.warmup_steps = forget_rate, warmup_steps
@@ -59,6 +59,9 @@ class CoTeaching:
         """New memory entries (new objects), so the node writes them again."""
         memory[PEER_KEY] = {k: v.detach().cpu().clone() for k, v in self.peer.state_dict().items()}
         memory[STEP_KEY] = {"step": torch.tensor(self.step)}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.peer_optimizer] if self.peer_optimizer is not None else []
 
     def rate(self) -> float:
         return self.forget_rate * min(1.0, self.step / max(1, self.warmup_steps))

@@ -8,6 +8,7 @@ records in its manifest is every value it actually ran with.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -43,6 +44,29 @@ def choice(*options: str) -> Check:
 
 
 TASKS = ("segmentation", "classification")
+
+
+class RoundLoss(ABC):
+    """A loss that learns alongside the model (co-teaching's peer network). Subclassing this is
+    how a loss declares its lifecycle; LocalStrategy then binds it to each round, passes it the
+    batch's images with the logits, and has it keep its state in the node's memory."""
+
+    @abstractmethod
+    def start_round(self, model, memory: dict[str, Any], generator, lr: float, optimizer_cls,
+                    device) -> None:
+        """Before the round's steps: restore (or create) its state from the node's memory."""
+
+    @abstractmethod
+    def __call__(self, logits, labels, images):
+        """The model's loss on the batch (the loss may take its own steps here)."""
+
+    @abstractmethod
+    def end_round(self, memory: dict[str, Any]) -> None:
+        """After the round's steps: write what it must keep into the node's memory."""
+
+    def optimizers(self) -> list:
+        """Its own optimisers, whose lr follows the run's schedule with the model's."""
+        return []
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,10 @@ def test_coteaching_trusts_the_clean_labels_and_keeps_its_peer(tmp_path):
     # next round: the peer comes back from memory exactly
     strategy.loss.start_round(model, memory, torch.Generator().manual_seed(1), 0.003, torch.optim.Adam, "cpu")
     assert all(torch.equal(strategy.loss.peer.state_dict()[k], v) for k, v in peer.items())
+    # its peer's optimiser follows the run's lr schedule with the model's
+    optimizer = strategy.optimizer(model.parameters())
+    strategy.set_learning_rate(optimizer, 1e-4)
+    assert [g["lr"] for g in strategy.loss.peer_optimizer.param_groups] == [1e-4]
 
 
 @pytest.mark.parametrize(
