@@ -214,6 +214,8 @@ def require_number(
         allowed = f"a number in {'(' if low_open else '['}{low}, {high}]"
     elif low is not None:
         allowed = f"a number {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        allowed = f"a number <= {high}"
     else:
         allowed = "a number"
     require(ok, key, value, allowed)
