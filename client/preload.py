@@ -1,5 +1,5 @@
 """Imported by every Ray worker as it starts (Ray's `preload_python_modules`, which
-snowfed.sim.runner sets when it starts Ray): the imports a simulation's actors need are done
+snowfed.sim.run.runner sets when it starts Ray): the imports a simulation's actors need are done
 before the first messages reach them, not while those messages wait.
 
 torch.optim imports torch._dynamo at an optimiser's first step (about 2.5 s here), and Ray

@@ -3,7 +3,7 @@ label-quality-aware FedAvg (Flower has none), configured and validated from `agg
 
 Two more names are not federated strategies but the reference points every benchmark reports
 beside a federated result: `pooled` (all sites' data in one place) and `local` (each site
-alone). `snowfed.sim.reference` trains those in one process, with the same budget and the same
+alone). `snowfed.sim.run.reference` trains those in one process, with the same budget and the same
 run directory.
 """
 
@@ -148,7 +148,7 @@ def build_aggregation(
     params = validate_aggregation(cfg, num_nodes)
     name = cfg["name"]
     if name in REFERENCES:
-        raise ValueError(f"aggregation {name!r} is not federated (snowfed.sim.reference runs it)")
+        raise ValueError(f"aggregation {name!r} is not federated (snowfed.sim.run.reference runs it)")
     timeout = params.pop("round_timeout_s")
     params.pop(SERVER_VAL_KEY, None)
     extra = {}

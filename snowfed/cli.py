@@ -20,7 +20,7 @@ import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -35,7 +35,7 @@ from snowfed.config import (
     require_creatable_dir,
 )
 from snowfed.data.loaders import DataError
-from snowfed.sim.processes import adopt_orphans, end_children
+from snowfed.sim.run.processes import adopt_orphans, end_children
 
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
@@ -146,24 +146,28 @@ def run(
     given = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
     if any(o.startswith("resume=") for o in given) and not multirun and not introspection:
         return resume_command(given)
+    planned = None  # (config, plan) of a single run, checked here and handed to its Hydra job
     if not introspection:
         try:
             check_group_overrides(given)
             if not multirun:
-                validate_overrides(given)
+                planned = validate_overrides(given)
             else:  # the keys a sweep names must exist: its first job's composition says so
                 compose(_first_choices(given))
         except BAD_INPUT as err:
             return _bad_input(err)
-    return _hydra(args, multirun, parallel if parallel == "auto" else int(parallel))
+    return _hydra(args, multirun, parallel if parallel == "auto" else int(parallel), planned)
 
 
-def validate_overrides(overrides: list[str]) -> None:
-    from snowfed.sim.runner import plain_config, validate
+def validate_overrides(overrides: list[str]) -> tuple[dict, Any]:
+    """The run's config and its plan, validated once, before Hydra makes the run directory."""
+    from snowfed.config import plain_config
+    from snowfed.sim.run.plan import validate
 
     cfg = plain_config(compose(overrides))
-    validate(cfg)
+    plan = validate(cfg)
     require_creatable_dir(cfg["run_dir"], "run_dir")  # Hydra makes it before the run starts
+    return cfg, plan
 
 
 def _bad_input(err: Exception) -> int:
@@ -171,14 +175,14 @@ def _bad_input(err: Exception) -> int:
     return EXIT_BAD_CONFIG
 
 
-def _hydra(args: list[str], multirun: bool, parallel: int | str) -> int:
+def _hydra(args: list[str], multirun: bool, parallel: int | str, planned: tuple | None = None) -> int:
     """Hand the run (or the sweep's job list) to Hydra under the name `snowfed`, so its shell
     completion and help speak of `snowfed run`."""
     sys.argv = ["snowfed", *(["--multirun"] if multirun else []), *args]
     _SWEEP_JOBS.clear()
     with _interrupt_exits():
         try:
-            _hydra_run()  # a multirun only collects its jobs (`_job`); they run below, together
+            _hydra_run(planned)  # a multirun only collects its jobs (`_job`); they run below
         except SystemExit as exit_:
             return int(exit_.code or 0)
         if multirun:
@@ -212,7 +216,7 @@ def report(
     two config keys, with a Friedman/Nemenyi ranking of the rows and a pairwise Wilcoxon score;
     writes report.md, report.csv and the plots (metric_per_round.png, metric_vs_noise.png,
     quality_quantity.png, critical_difference.png)."""
-    from snowfed.sim.report import (
+    from snowfed.report import (
         build_table,
         check_report_keys,
         find_runs,
@@ -244,8 +248,8 @@ def report(
     plots = write_ranking(ranking, out, metric) + write_plots(runs, table, out, noise_key)
     md, csv_path = write_report(table, out, score, plots, ranking)
     if privacy_plot:
-        from snowfed.plots import plot_metric_against_epsilon
-        from snowfed.sim.report import Cell, privacy_utility
+        from snowfed.report import Cell, privacy_utility
+        from snowfed.report.plots import plot_metric_against_epsilon
 
         series, reference = privacy_utility(runs, privacy_plot, metric)
         plot_metric_against_epsilon(series, out / "privacy_utility.png", metric, reference)
@@ -279,8 +283,9 @@ def prepare(
 
     Validate the config (Hydra OVERRIDES after DIR) and write its federation store to DIR,
     without training: the data of a real deployment's rehearsal (docs/deployment.md)."""
+    from snowfed.config import plain_config
     from snowfed.sim.federation import build_store
-    from snowfed.sim.runner import plain_config, validate
+    from snowfed.sim.run.plan import validate
 
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -307,7 +312,7 @@ def bench(
 
     The same work three ways, each in a fresh process; the last line holds the ratios
     (docs/benchmarks.md)."""
-    from snowfed.sim.bench import benchmark
+    from snowfed.bench.benchmark import benchmark
 
     return benchmark(quick, [w for w in only.split(",") if w], out)
 
@@ -333,7 +338,7 @@ _SWEEP_JOBS: list = []  # the jobs Hydra's multirun laid out (config and directo
 
 
 def _run_sweep(parallel: int | str) -> int:
-    from snowfed.sim.sweep import run_sweep
+    from snowfed.sim.run.sweep import run_sweep
 
     try:
         outcomes = run_sweep(_SWEEP_JOBS, parallel)
@@ -354,7 +359,7 @@ def _run_sweep(parallel: int | str) -> int:
 def resume_command(overrides: list[str]) -> int:
     import yaml
 
-    from snowfed.sim.runner import resume
+    from snowfed.sim.run.runner import resume
 
     values = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
     run_dir = Path(str(values.pop("resume")))
@@ -370,8 +375,8 @@ def resume_command(overrides: list[str]) -> int:
 
 class _interrupt_exits:
     """Ctrl-C: say where the results are and leave. The summary is already on disk. Leave without
-    the interpreter's teardown: a Ctrl-C before the simulation took over (sim.runner.ctrl_c_sets)
-    leaves Ray starting in a thread (sim.runner.RayStart), and tearing it down from there
+    the interpreter's teardown: a Ctrl-C before the simulation took over (sim.run.engine.ctrl_c_sets)
+    leaves Ray starting in a thread (sim.run.engine.RayStart), and tearing it down from there
     crashed the interpreter (seen: a segfault)."""
 
     def __enter__(self):
@@ -409,33 +414,44 @@ def _print_outcome(summary: dict, run_dir: Path) -> None:
     print(line)
 
 
-def _job(cfg) -> None:
+def _job(cfg, planned: tuple | None = None) -> None:
     """One Hydra job: the run directory is Hydra's output directory (`run_dir`). A multirun's
-    jobs are only collected here; `snowfed.sim.sweep` then runs them in one simulation (and
-    skips or resumes what an earlier start of the same sweep left)."""
+    jobs are only collected here; `snowfed.sim.run.sweep` then runs them in one simulation (and
+    skips or resumes what an earlier start of the same sweep left). `planned`: the (config,
+    plan) `run` checked, used when Hydra composed the same config (its run_dir aside: `now`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from snowfed.sim.runner import plain_config, run
-    from snowfed.sim.sweep import Job
+    from snowfed.config import plain_config
+    from snowfed.sim.run.runner import run
+    from snowfed.sim.run.sweep import Job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         _SWEEP_JOBS.append(Job(plain_config(cfg), run_dir))
         return
-    summary = run(cfg, run_dir)
+    cfg = plain_config(cfg)
+    plan = None
+    if planned is not None and _without_run_dir(planned[0]) == _without_run_dir(cfg):
+        plan = planned[1]
+    summary = run(cfg, run_dir, plan=plan)
     _print_outcome(summary, run_dir)
     if summary["status"] != "completed":
         sys.exit(EXIT_FAILED)
 
 
-def _hydra_run() -> None:
+def _without_run_dir(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "run_dir"}
+
+
+def _hydra_run(planned: tuple | None = None) -> None:
     import hydra
 
-    hydra.main(version_base=None, config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")(
-        _job
-    )()
+    def job(cfg) -> None:  # the task Hydra calls; defined here, so its module is still snowfed.cli
+        _job(cfg, planned)
+
+    hydra.main(version_base=None, config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")(job)()
 
 
 def console() -> None:
@@ -444,13 +460,13 @@ def console() -> None:
     Flower leave behind (1.4 s of every run here), so they are frozen out of it: the process
     ends and the OS takes the memory back."""
     # SIGTERM (SLURM, `timeout`, a container stop) ends a run as Ctrl-C does: interrupted, its
-    # summary written, resumable (sim.runner.ctrl_c_sets during the simulation)
+    # summary written, resumable (sim.run.engine.ctrl_c_sets during the simulation)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     adopt_orphans()
     try:
         code = main()
     finally:
-        end_children()  # what Ray left running (sim.processes): none of it outlives the command
+        end_children()  # what Ray left running (sim.run.processes): none of it outlives the command
     sys.stdout.flush()
     gc.freeze()
     sys.exit(code)

@@ -220,3 +220,10 @@ def require_number(
         allowed = "a number"
     require(ok, key, value, allowed)
     return float(value)
+
+
+def plain_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as plain Python values, without Hydra's own node."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in cfg.items() if k != "hydra"}

@@ -11,17 +11,21 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from snowfed.config import ConfigError, plain_config, require_creatable_dir
 from snowfed.diagnostics import diagnose
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 FINAL_MODEL = "model_final.pt"
+STARTED_CONFIG = ".config-at-start.yaml"  # what resume compares config.yaml with
 CHECKPOINT = "checkpoint.pt"  # the state after the last completed round (what `resume` reads)
 STATUSES = ("completed", "failed", "interrupted")
 FINAL_KEYS = {"evaluate": "final", "train": "final_train", "personalize": "personalized"}
@@ -237,3 +241,38 @@ def read_summary_status(run_dir: Path) -> str | None:
         return json.loads((Path(run_dir) / SUMMARY).read_text()).get("status")
     except (OSError, ValueError):
         return None
+
+
+def start_run_dir(cfg: Mapping[str, Any], run_dir: Path, key: str = "run_dir") -> None:
+    """Refuse a run directory holding a previous run's results; write config.yaml into it."""
+    require_creatable_dir(run_dir, key)
+    if (run_dir / METRICS).exists() or (run_dir / SUMMARY).exists():
+        raise ConfigError(key, str(run_dir), "a new or empty run directory (this one holds "
+                          "a previous run's results, which snowfed never overwrites)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(dict(cfg)))
+    atomic_write_text(run_dir / STARTED_CONFIG, text)
+    atomic_write_text(run_dir / CONFIG, text)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: leaf value}."""
+    if isinstance(value, Mapping) and value:
+        return {k: v for key, item in value.items()
+                for k, v in _flat(item, f"{prefix}.{key}" if prefix else str(key)).items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}.{i}").items()}
+    return {prefix: value}
+
+
+def edited_keys(run_dir: Path, cfg: Mapping[str, Any], may_change: Iterable[str] = ()) -> list[str]:
+    """The keys of `cfg` (the run's config.yaml) that differ from the config the run started
+    with, as `key: old -> new`, the top-level keys `may_change` aside; none when the run
+    predates the record."""
+    if not (run_dir / STARTED_CONFIG).is_file():
+        return []
+    before = _flat(plain_config(OmegaConf.load(run_dir / STARTED_CONFIG)))
+    after = _flat(dict(cfg))
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if k.split(".")[0] not in may_change and before.get(k) != after.get(k))
+    return [f"{k}: {before.get(k, '(absent)')!r} -> {after.get(k, '(absent)')!r}" for k in changed]

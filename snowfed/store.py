@@ -158,3 +158,22 @@ class FederationStore:
         if not len(idx):
             raise ValueError(f"the store {self.path} holds no server validation images")
         return take_rows(self.arrays["images"], idx), take_rows(self.arrays["clean"], idx)
+
+
+def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
+    """What summary.json says of each node before any training (appearance for synthetic
+    sites; class histogram, patients and shortcut for sites cut from a loaded dataset)."""
+    optional = ("appearance", "class_histogram", "patients", "shortcut")
+    return {
+        n["name"]: {
+            "noise_profile": n["noise_profile"],
+            "strategy": n["strategy"]["name"],
+            "num_train": n["num_train"],
+            "num_val": n["num_val"],
+            "num_verified": len(n.get("verified", [])),
+            "label_noise": n["label_noise"],
+            "noise": n["noise"],
+            **{k: n[k] for k in optional if k in n},
+        }
+        for n in store.nodes
+    }

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from snowfed.config import compose
-from snowfed.sim.runner import plain_config
+from snowfed.config import compose, plain_config
 
 
 @pytest.fixture
@@ -15,7 +14,7 @@ def smoke_cfg() -> dict:
 
 @pytest.fixture
 def smoke_store(smoke_cfg, tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     _, store = prepare(smoke_cfg, tmp_path / "run")
     return store

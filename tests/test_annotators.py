@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from snowfed.sim.annotators import (
+from snowfed.sim.federation.annotators import (
     DawidSkeneResult,
     StapleResult,
     dawid_skene,
@@ -15,7 +15,7 @@ from snowfed.sim.annotators import (
     simulate_votes,
     staple,
 )
-from snowfed.sim.label_noise import transition_matrix
+from snowfed.sim.noise.classes import transition_matrix
 
 C, N = 4, 2000
 GOOD, BAD = (0, 1), (2, 3, 4)

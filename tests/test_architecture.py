@@ -1,7 +1,7 @@
 """The layers of pyproject.toml's [tool.importlinter] contract, checked by import-linter.
 
 import-linter (grimp) finds a package's modules by walking its folder, and snowfed's
-subpackages live beside it (pyproject's package-dir: client/, server/, strategies/, sim/). The
+subpackages live beside it (pyproject's package-dir: client/, server/, strategies/, sim/, bench/). The
 test therefore lays the installed package's shape out in a temporary folder, one link per
 source file, and runs `lint-imports` on that."""
 
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = {"client": "client", "server": "server", "strategies": "strategies", "sim": "sim"}
+SUBPACKAGES = {"client": "client", "server": "server", "strategies": "strategies", "sim": "sim",
+               "bench": "bench"}
 
 
 def _package_tree(root: Path) -> Path:
@@ -48,7 +49,7 @@ def test_a_core_module_importing_the_simulator_breaks_the_contract(tmp_path):
     metrics = tree / "snowfed" / "metrics.py"
     text = metrics.read_text()
     metrics.unlink()  # a copy of the link's file, with one import that goes up the layers
-    metrics.write_text(text + "\nimport snowfed.sim.report  # noqa\n")
+    metrics.write_text(text + "\nimport snowfed.sim.run.runner  # noqa\n")
     done = _lint(tree)
     assert done.returncode != 0
-    assert "snowfed.metrics -> snowfed.sim.report" in done.stdout, done.stdout[-3000:]
+    assert "snowfed.metrics -> snowfed.sim.run.runner" in done.stdout, done.stdout[-3000:]

@@ -178,9 +178,8 @@ def test_a_gpu_backend_without_a_gpu_is_refused_before_work(tmp_path, capsys):
 def test_resume_refuses_a_config_edited_since_the_run_started(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from snowfed.config import compose
-    from snowfed.rundir import save_checkpoint
-    from snowfed.sim.runner import plain_config, start_run_dir
+    from snowfed.config import compose, plain_config
+    from snowfed.rundir import save_checkpoint, start_run_dir
 
     run_dir = tmp_path / "run"
     cfg = plain_config(compose(["federation=smoke", "rounds=3"]))

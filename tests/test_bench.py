@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snowfed.sim.bench import (
+from snowfed.bench.benchmark import (
     VARIANTS,
     WORKLOADS,
     Process,
@@ -51,7 +51,7 @@ def test_generated_dataset_is_a_medmnist_file_the_loader_reads(data):
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_workload_is_a_valid_config(data, quick):
-    from snowfed.sim.runner import validate
+    from snowfed.sim.run.plan import validate
 
     loads = workloads(quick, data)
     assert set(loads) == {"W1", "W2", "S"} and loads["S"].runs == (2 if quick else 12)
@@ -112,7 +112,7 @@ def test_plain_loop_trains_the_sampled_sites_and_reports_every_round(data, tmp_p
 
 @pytest.mark.slow
 def test_stock_flower_app_runs_the_rounds_on_flowers_engine(data, tmp_path):
-    from snowfed.sim.bench_flower_app import run_stock_flower
+    from snowfed.bench.flower_app import run_stock_flower
 
     overrides = (*workloads(True, data)["W2"].jobs()[0], *TINY, "rounds=2")
     (cfg, run_dir), = _configs([overrides], tmp_path)
@@ -139,7 +139,7 @@ def test_memory_probe_sums_a_process_and_its_children():
 
 @pytest.mark.slow
 def test_a_variant_process_reports_each_runs_rounds_and_end(data, tmp_path):
-    from snowfed.sim.bench import measure
+    from snowfed.bench.benchmark import measure
 
     overrides = (*workloads(True, data)["W2"].overrides, *TINY, "rounds=2")
     process = measure("c", [(*overrides, "seed=0"), (*overrides, "seed=1", "rounds=1")], tmp_path)

@@ -13,11 +13,12 @@ from PIL import Image
 
 from snowfed.cli import EXIT_BAD_CONFIG, main
 from snowfed.client.trainer import train_locally
-from snowfed.config import ConfigError, compose
+from snowfed.config import ConfigError, compose, plain_config
 from snowfed.metrics import classification_metrics
 from snowfed.models import build_model, stage_keys
-from snowfed.sim.dataset_sites import shortcut_report
-from snowfed.sim.runner import plain_config, prepare, run
+from snowfed.sim.federation.datasets import shortcut_report
+from snowfed.sim.run.plan import prepare
+from snowfed.sim.run.runner import run
 from snowfed.strategies import LocalStrategy, StrategySpec
 from snowfed.strategies.coteaching import PEER_KEY, STEP_KEY
 
@@ -291,7 +292,7 @@ def test_a_corrupt_data_file_is_named(tmp_path, capsys):
 
 def test_segmentation_only_losses_are_refused_for_classification():
     with pytest.raises(ConfigError, match="strategy.loss"):
-        from snowfed.sim.runner import validate
+        from snowfed.sim.run.plan import validate
 
         validate(plain_config(compose(["task=classification", "strategy=weak"])))
 
@@ -341,7 +342,7 @@ def test_noise_robust_losses_train_a_classifier(loss, tmp_path):
 
 
 def test_coteaching_is_refused_for_segmentation():
-    from snowfed.sim.runner import validate
+    from snowfed.sim.run.plan import validate
 
     with pytest.raises(ConfigError, match="strategy.loss='coteaching'.*task=segmentation"):
         validate(plain_config(compose(["federation=smoke", "strategy=coteaching"])))

@@ -70,3 +70,19 @@ done'''
     assert group == "federation=smoke"
     assert key == "strategy.local_steps="
     assert command == "report"
+
+
+def test_a_run_is_validated_once_from_the_command_to_its_store(tmp_path, monkeypatch, capsys):
+    """The command checks the config before Hydra makes the run directory; the run then builds
+    its store from that plan instead of checking the config again."""
+    import snowfed.sim.run.plan as plan_module
+
+    calls = []
+    resolve = plan_module.resolve_federation
+    monkeypatch.setattr(plan_module, "resolve_federation",
+                        lambda cfg, loaded=None: calls.append(1) or resolve(cfg, loaded))
+    run_dir = tmp_path / "run"
+    code = main(["run", "federation=smoke", "aggregation=local", "rounds=1", "strategy.local_steps=2",
+                 f"run_dir={run_dir}"])
+    assert code == 0 and (run_dir / "summary.json").is_file(), capsys.readouterr().err
+    assert len(calls) == 1

@@ -29,7 +29,7 @@ def _train_message(store, state, rnd, **extra):
 
 
 def test_node_memory_survives_a_fresh_process(smoke_cfg, tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     smoke_cfg["strategy"]["freeze_stages"] = 2
     smoke_cfg["strategy"]["local_steps"] = 2
@@ -52,7 +52,7 @@ def test_node_memory_survives_a_fresh_process(smoke_cfg, tmp_path):
 
 
 def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     smoke_cfg["strategy"]["local_steps"] = 3
     _, store = prepare(smoke_cfg, tmp_path / "run")
@@ -71,7 +71,7 @@ def test_fedprox_mu_from_the_server_changes_the_reply(smoke_cfg, tmp_path):
 
 
 def test_nodes_of_one_process_share_one_model_and_never_see_each_others_weights(smoke_cfg, tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     smoke_cfg["strategy"]["local_steps"] = 2
     _, store = prepare(smoke_cfg, tmp_path / "run")

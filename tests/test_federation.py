@@ -6,10 +6,9 @@ import numpy as np
 import torch
 
 from snowfed.client.trainer import train_locally
-from snowfed.config import compose
+from snowfed.config import compose, plain_config
 from snowfed.models import build_model
 from snowfed.sim.federation import resolve_federation
-from snowfed.sim.runner import plain_config
 from snowfed.strategies import LocalStrategy, StrategySpec
 
 

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from snowfed.client.trainer import train_locally
-from snowfed.config import ConfigError, compose
+from snowfed.config import ConfigError, compose, plain_config
 from snowfed.models import build_model, stage_keys
 from snowfed.sim.federation import resolve_federation
-from snowfed.sim.runner import plain_config
 from snowfed.strategies import LocalStrategy, StrategySpec
 from snowfed.strategies.init import INITS, load_checkpoint
 from snowfed.strategies.teacher import distillation, pseudo_labels
@@ -252,7 +251,7 @@ def test_teacher_clean_needs_verified_images_in_the_federation(tmp_path):
 
 
 def test_verified_images_keep_their_clean_labels(tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     cfg = plain_config(compose(["federation=smoke", "noise=noisy",
                                 "+federation.hospitals.0.clean_fraction=0.5"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from snowfed.config import ConfigError
-from snowfed.sim.label_noise import (
+from snowfed.sim.noise.classes import (
     KINDS,
     apply_transition,
     draw_rate,

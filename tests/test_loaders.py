@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -54,18 +52,18 @@ def test_npz_round_trip_splits_and_grey_to_rgb(tmp_path):
     assert data.files[5].endswith("m.npz:val[0]") and data.site is None and data.patient is None
 
 
-def test_a_dataset_is_loaded_once_until_its_file_or_config_changes(tmp_path):
+def test_a_dataset_the_caller_loaded_is_shared_read_only_and_kept_by_config(tmp_path):
     path = tmp_path / "m.npz"
     _medmnist(path)
     cfg = {"name": "npz", "path": str(path)}
-    first = load_dataset(cfg)
-    assert load_dataset(dict(cfg)) is first  # a run's validation and its store build share it
+    loaded = {}
+    first = load_dataset(cfg, loaded)
+    assert load_dataset(dict(cfg), loaded) is first  # a sweep's plans share it
     assert not first.images.flags.writeable and not first.targets.flags.writeable
+    assert load_dataset({**cfg, "image_size": 4}, loaded) is not first  # another config: loaded anew
+    assert len(loaded) == 2
     _medmnist(path, train_labels=np.array([[1], [1], [1], [1], [1]], dtype=np.uint8))
-    os.utime(path, ns=(1, 1))  # rewritten: its stamp changes even within the clock's resolution
-    again = load_dataset(cfg)
-    assert again.targets[:5].tolist() == [1] * 5  # the new file, not the kept dataset
-    assert load_dataset({**cfg, "image_size": 4}) is not again  # another config: loaded anew
+    assert load_dataset(cfg).targets[:5].tolist() == [1] * 5  # no caller's dict: no copy kept
 
 
 def test_npz_rgb_missing_splits_class_names_and_resize(tmp_path):

@@ -9,7 +9,7 @@ from skimage.draw import ellipse
 from skimage.morphology import convex_hull_image, disk
 
 from snowfed.data.synthetic import generate
-from snowfed.sim.noise import SnowNoise, _deform, _simplify, degrade, degrade_dataset
+from snowfed.sim.noise.masks import SnowNoise, _deform, _simplify, degrade, degrade_dataset
 
 EIGHT = np.ones((3, 3))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from snowfed.config import ConfigError
-from snowfed.sim.partition import SCHEMES, class_histogram, leakage, partition, split_indices
+from snowfed.sim.federation.partition import SCHEMES, class_histogram, leakage, partition, split_indices
 
 N, K, SITES = 2000, 10, 8
 KEY = "federation.partition"
@@ -233,7 +233,7 @@ def test_partitioning_leaves_flwr_datasets_plotting_unloaded_until_used():
     script = """
 import sys
 import numpy as np
-from snowfed.sim.partition import partition
+from snowfed.sim.federation.partition import partition
 sites = partition(np.arange(60) % 3, 4, "dirichlet", {"alpha": 5.0}, seed=0)
 assert sorted(np.concatenate(sites).tolist()) == list(range(60))
 assert "seaborn" not in sys.modules and "scipy.stats" not in sys.modules, "plotting loaded"

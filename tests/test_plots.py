@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from snowfed.plots import MAX_NODE_LEGEND, f1_figure, noise_label, plot_f1_per_round
+from snowfed.report.plots import MAX_NODE_LEGEND, f1_figure, noise_label, plot_f1_per_round
 
 
 def _records(sites: list[str], rounds: int = 3) -> list[dict]:

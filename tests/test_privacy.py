@@ -10,9 +10,9 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from snowfed.client.privacy import DPSettings, dp_sgd_steps, epsilon, resolve_dp
-from snowfed.config import compose
+from snowfed.config import compose, plain_config
 from snowfed.models import build_model
-from snowfed.sim.runner import plain_config, validate
+from snowfed.sim.run.plan import validate
 from snowfed.strategies import LocalStrategy, StrategySpec
 
 SPEC = StrategySpec.from_config({"name": "t", "sampler": "random", "loss": "cross_entropy",
@@ -107,7 +107,7 @@ def test_what_dp_sgd_cannot_honour_is_refused(overrides, key):
 @pytest.mark.slow
 def test_a_dp_sgd_federation_reports_each_sites_epsilon_per_round(tmp_path):
     from snowfed.rundir import read_jsonl
-    from snowfed.sim.runner import run
+    from snowfed.sim.run.runner import run
 
     cfg = plain_config(compose(["federation=smoke", "privacy=dp_sgd", "rounds=2"]))
     summary = run(cfg, tmp_path / "dp")
@@ -193,7 +193,7 @@ def test_bad_central_dp_settings_are_refused(overrides, key):
 @pytest.mark.slow
 def test_client_side_central_dp_federation_reports_epsilon_per_round(tmp_path):
     from snowfed.server.privacy import central_epsilon
-    from snowfed.sim.runner import run
+    from snowfed.sim.run.runner import run
 
     cfg = plain_config(compose(["federation=smoke", "privacy=central_dp_fixed", "privacy.side=client",
                                 "rounds=2"]))

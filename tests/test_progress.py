@@ -9,7 +9,7 @@ from pathlib import Path
 
 from snowfed.progress import RoundProgress
 from snowfed.server.recording import RoundRecorder
-from snowfed.sim.sweep import Job, Outcome, SweepProgress
+from snowfed.sim.run.sweep import Job, Outcome, SweepProgress
 
 
 class _Terminal(io.StringIO):

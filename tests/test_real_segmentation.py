@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from snowfed.client.trainer import train_locally
-from snowfed.config import compose
+from snowfed.config import compose, plain_config
 from snowfed.models import build_model
-from snowfed.sim.runner import plain_config, prepare
+from snowfed.sim.run.plan import prepare
 from snowfed.strategies import LocalStrategy, StrategySpec
 
 

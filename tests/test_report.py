@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from snowfed.cli import main
-from snowfed.sim.report import PLOTS, build_table, find_runs, friedman_ranking
+from snowfed.report import PLOTS, build_table, find_runs, friedman_ranking
 
 
 def _run(path, strategy, noise, seed, f1, status="completed"):
@@ -125,7 +125,7 @@ def test_privacy_plot_puts_each_noise_level_at_its_epsilon(tmp_path, capsys):
 
 
 def test_pairwise_wilcoxon_score_counts_significant_wins_over_paired_runs(tmp_path):
-    from snowfed.sim.report import pairwise_score
+    from snowfed.report.ranking import pairwise_score
 
     root = tmp_path / "score"
     rng = __import__("random").Random(0)
@@ -183,7 +183,7 @@ def seg_sweep(tmp_path):
 
 
 def test_metric_per_round_is_the_mean_min_and_max_over_a_cells_runs(seg_sweep, tmp_path):
-    from snowfed.sim.report import metric_per_round
+    from snowfed.report.figures import metric_per_round
 
     _full_run(tmp_path / "short" / "r", "baseline", "clean", 7, [0.5], {})  # one round only
     curves = metric_per_round(find_runs([seg_sweep, tmp_path / "short"]), "strategy.name", "noise.name")
@@ -198,7 +198,8 @@ def test_metric_per_round_is_the_mean_min_and_max_over_a_cells_runs(seg_sweep, t
 
 
 def test_label_quality_is_the_label_f1_or_one_minus_flip_rate_weighted_by_num_train():
-    from snowfed.sim.report import Run, label_quality, noise_level, num_annotated, site_label_quality
+    from snowfed.report.figures import label_quality, noise_level, num_annotated, site_label_quality
+    from snowfed.report.runs import Run
 
     # the keys of a real segmentation summary node
     seg = {"num_train": 9, "label_noise": {"objects": 49, "objects_removed": 0.49,
@@ -222,7 +223,8 @@ def test_label_quality_is_the_label_f1_or_one_minus_flip_rate_weighted_by_num_tr
 
 
 def test_noise_key_reads_a_numeric_config_value_lists_included():
-    from snowfed.sim.report import Run, lookup, noise_level
+    from snowfed.report.figures import noise_level
+    from snowfed.report.runs import Run, lookup
 
     config = {"noise": {"name": "noisy", "p_remove": 0.5},
               "federation": {"hospitals": [{"noise": {"rate": 0.0}}, {"noise": {"rate": 0.2}},
@@ -238,7 +240,7 @@ def test_noise_key_reads_a_numeric_config_value_lists_included():
 
 
 def test_metric_vs_noise_puts_each_cell_at_its_measured_noise_level(seg_sweep):
-    from snowfed.sim.report import metric_vs_noise
+    from snowfed.report.figures import metric_vs_noise
 
     series, missing = metric_vs_noise(find_runs([seg_sweep]), "strategy.name", "noise.name")
     assert missing == 0 and list(series) == ["baseline", "only_positive"]
@@ -253,7 +255,7 @@ def test_metric_vs_noise_puts_each_cell_at_its_measured_noise_level(seg_sweep):
 
 
 def test_metric_vs_noise_with_a_noise_key_groups_runs_by_its_value(tmp_path):
-    from snowfed.sim.report import metric_vs_noise
+    from snowfed.report.figures import metric_vs_noise
 
     root = tmp_path / "cls"
     for seed in range(2):
@@ -270,7 +272,7 @@ def test_metric_vs_noise_with_a_noise_key_groups_runs_by_its_value(tmp_path):
 
 
 def test_quality_quantity_has_one_point_per_completed_run_with_sizes_and_label_noise(tmp_path):
-    from snowfed.sim.report import quality_quantity
+    from snowfed.report.figures import quality_quantity
 
     root = tmp_path / "map"
     _full_run(root / "small-clean", "baseline", "clean", 0, [0.1, 0.8], {"a": _seg_node(10, 1.0, 1.0)})

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from snowfed.config import compose
+from snowfed.config import compose, plain_config
 from snowfed.rundir import read_jsonl
 from snowfed.server.aggregation import AGGREGATIONS
-from snowfed.sim.runner import plain_config, resume, run
+from snowfed.sim.run.runner import resume, run
 
 pytestmark = pytest.mark.slow
 
@@ -230,7 +230,7 @@ def test_personalisation_reports_global_and_fine_tuned_models_per_site(tmp_path)
 
 def test_kill_9_leaves_no_ray_process_behind(tmp_path):
     """kill -9 of the driver: Ray's processes die with it (PDEATHSIG), its agents within 30 s
-    (sim.runner.GCS_RECONNECT_TIMEOUT; Ray's default kept them 45-105 s)."""
+    (sim.run.processes.GCS_RECONNECT_TIMEOUT; Ray's default kept them 45-105 s)."""
     from tests.conftest import descendants, start_smoke_run, wait_until_gone
 
     proc = start_smoke_run(tmp_path / "killed", until="round 1/")

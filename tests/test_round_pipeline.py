@@ -79,7 +79,7 @@ class LocalGrid(Grid):
 
 
 def test_next_rounds_training_goes_out_before_this_round_is_recorded(smoke_cfg, tmp_path):
-    from snowfed.sim.runner import prepare
+    from snowfed.sim.run.plan import prepare
 
     smoke_cfg.update(rounds=3)
     smoke_cfg["strategy"]["local_steps"] = 1
@@ -111,13 +111,13 @@ def test_next_rounds_training_goes_out_before_this_round_is_recorded(smoke_cfg, 
 
 
 def test_a_stop_ends_the_loop_at_its_next_wait_keeping_the_completed_rounds(smoke_cfg, tmp_path):
-    """Ctrl-C's path (sim.runner.ctrl_c_sets): `stop` set while round 2 is out ends the loop with
+    """Ctrl-C's path (sim.run.engine.ctrl_c_sets): `stop` set while round 2 is out ends the loop with
     RunInterrupted before round 2 is recorded; the checkpoint is round 1's, and resumable."""
     import threading
 
     from snowfed.rundir import load_checkpoint
-    from snowfed.server.app import RunInterrupted
-    from snowfed.sim.runner import prepare
+    from snowfed.server.transport import RunInterrupted
+    from snowfed.sim.run.plan import prepare
 
     smoke_cfg.update(rounds=5)
     smoke_cfg["strategy"]["local_steps"] = 1
@@ -172,7 +172,7 @@ def _simulation_grid(num_nodes: int):
 def test_the_simulations_node_order_is_its_partition_order():
     """What identify_nodes relies on to ask one node instead of all: Flower's simulation
     registers node i as partition i, in order (if Flower changes that, this fails)."""
-    from snowfed.server.app import _registration_order
+    from snowfed.server.transport import _registration_order
 
     grid, mapping = _simulation_grid(300)
     assert _registration_order(grid, 300) == mapping

@@ -49,7 +49,7 @@ def test_a_run_directory_in_use_is_refused_before_anything_is_written(tmp_path, 
 
     from snowfed.config import ConfigError
     from snowfed.rundir import run_lock
-    from snowfed.sim.runner import resume, run
+    from snowfed.sim.run.runner import resume, run
 
     run_dir = tmp_path / "busy"
     with run_lock(run_dir):  # another snowfed process holds it (flock: per open file)

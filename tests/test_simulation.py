@@ -16,7 +16,7 @@ import yaml
 from snowfed.config import compose, group_options
 from snowfed.models import build_model, stage_keys
 from snowfed.rundir import read_jsonl
-from snowfed.sim.runner import run
+from snowfed.sim.run.runner import run
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,8 @@ def test_a_failed_cli_run_says_why_in_its_own_lines_and_leaves_no_process_behind
 LISTENERS = """
 import json, psutil
 from snowfed.config import compose
-from snowfed.sim.runner import RayStart, plain_config
+from snowfed.config import plain_config
+from snowfed.sim.run.engine import RayStart
 start = RayStart(plain_config(compose(["federation=smoke"])))
 start.wait()
 found = [(proc.name(), conn.laddr.ip)
@@ -162,7 +163,7 @@ def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
     try:
         started = descendants(proc.pid)
         proc.send_signal(signum)
-        rest = proc.stderr.read()  # Flower ends the simulation in order (sim.runner.ctrl_c_sets)
+        rest = proc.stderr.read()  # Flower ends the simulation in order (sim.run.engine.ctrl_c_sets)
         assert proc.wait(timeout=120) == 130, rest[-3000:]
     finally:
         if proc.poll() is None:
@@ -184,8 +185,8 @@ def test_ctrl_c_or_sigterm_keeps_what_was_written(signum, tmp_path):
 def test_every_strategy_runs_a_smoke_round(tmp_path):
     """Each segmentation strategy trains one smoke round through Ray. One sweep, one Ray start,
     two runs at a time: ten Ray starts made this the suite's slowest group (about 3.5 min)."""
-    from snowfed.sim.runner import plain_config
-    from snowfed.sim.sweep import Job, run_sweep
+    from snowfed.config import plain_config
+    from snowfed.sim.run.sweep import Job, run_sweep
 
     # transfer has its own test below; coteaching is a classification strategy
     # (test_classification.py)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from snowfed import seeds
-from snowfed.config import compose
+from snowfed.config import compose, plain_config
 from snowfed.data.synthetic import generate
-from snowfed.sim.label_noise import measure_noise
-from snowfed.sim.noise import degrade_dataset
-from snowfed.sim.runner import plain_config, prepare
+from snowfed.sim.noise.classes import measure_noise
+from snowfed.sim.noise.masks import degrade_dataset
+from snowfed.sim.run.plan import prepare
 from snowfed.store import ARRAYS, FederationStore, take_rows, write_store
 from snowfed.strategies import LocalStrategy, StrategySpec
 from snowfed.strategies.samplers import PositiveTileSampler

@@ -1,4 +1,4 @@
-"""Sweeps (snowfed.sim.sweep): many runs in one Flower simulation, several at once, each with
+"""Sweeps (snowfed.sim.run.sweep): many runs in one Flower simulation, several at once, each with
 results independent of what ran beside it; what a sweep does with runs it finds done or
 unfinished; the node cache that keeps a sweep's actors from growing with every run."""
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from snowfed.client import app as client_app
-from snowfed.config import ConfigError, compose
-from snowfed.sim.runner import plain_config
-from snowfed.sim.sweep import Job, parallel_runs, plan_jobs, run_sweep
+from snowfed.config import ConfigError, compose, plain_config
+from snowfed.sim.run.sweep import Job, parallel_runs, plan_jobs, run_sweep
 
 SAMPLED = ["task=classification", "federation=many_sites", "federation.hospitals.count=6",
            "aggregation.fraction_train=0.5", "aggregation.fraction_evaluate=0.5", "rounds=2",
@@ -37,7 +36,7 @@ def _global_and_sampled(run_dir):
 def test_parallel_runs_in_one_simulation_match_runs_alone(tmp_path, monkeypatch):
     import flwr.simulation
 
-    from snowfed.sim.runner import run
+    from snowfed.sim.run.runner import run
 
     started = []
     real = flwr.simulation.run_simulation
@@ -140,3 +139,17 @@ def test_actors_keep_the_nodes_of_the_most_recent_stores_only(monkeypatch):
     client_app._store_nodes("one-more", cpu, store)
     assert "store0" in client_app._STORES and "store1" not in client_app._STORES  # LRU dropped
     assert len(client_app._STORES) == client_app.STORES_KEPT
+
+
+def test_a_sweep_checks_each_job_once_and_its_jobs_share_the_loaded_dataset(tmp_path, monkeypatch):
+    import snowfed.sim.run.plan as plan_module
+
+    calls = []
+    resolve = plan_module.resolve_federation
+    monkeypatch.setattr(plan_module, "resolve_federation",
+                        lambda cfg, loaded=None: calls.append(1) or resolve(cfg, loaded))
+    jobs = [Job(_cfg("aggregation=local", "rounds=1", f"seed={s}"), tmp_path / str(s)) for s in (0, 1)]
+    outcomes = run_sweep(jobs)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    assert len(calls) == 2  # plan_jobs' check of each job, and no other
+    assert jobs[0].plan.dataset is jobs[1].plan.dataset  # one copy of the digits for both

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from snowfed.config import ConfigError, compose
+from snowfed.config import ConfigError, compose, plain_config
 from snowfed.rundir import METRICS, read_jsonl
 from snowfed.server.app import FederationResult
 from snowfed.server.recording import RoundRecorder
-from snowfed.sim.runner import plain_config, run, validate
+from snowfed.sim.run.plan import validate
+from snowfed.sim.run.runner import run
 from snowfed.tracking import (
     MlflowTracker,
     RunTracking,
@@ -188,7 +189,7 @@ def test_failing_tracker_is_reported_once_and_the_recorder_goes_on(monkeypatch, 
 
 
 def _fake_reference(cfg, store, run_dir, on_round):
-    """Stands in for sim.reference.run_reference (minutes of training): records two rounds
+    """Stands in for sim.run.reference.run_reference (minutes of training): records two rounds
     through the real recorder and the runner's callback."""
     recorder = RoundRecorder(run_dir / METRICS, list(NODES), on_round)
     recorder.record_global(0, {"f1": 0.1})
@@ -200,7 +201,7 @@ def _fake_reference(cfg, store, run_dir, on_round):
 
 
 def test_runner_feeds_the_tracker_from_the_round_callback(monkeypatch, tmp_path):
-    monkeypatch.setattr("snowfed.sim.reference.run_reference", _fake_reference)
+    monkeypatch.setattr("snowfed.sim.run.reference.run_reference", _fake_reference)
     run_dir = tmp_path / "run"
     summary = run(compose(["federation=smoke", "rounds=2", "aggregation=pooled", "logger=tensorboard"]),
                   run_dir)
@@ -211,7 +212,7 @@ def test_runner_feeds_the_tracker_from_the_round_callback(monkeypatch, tmp_path)
 
 
 def test_failing_tracker_does_not_stop_a_run(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr("snowfed.sim.reference.run_reference", _fake_reference)
+    monkeypatch.setattr("snowfed.sim.run.reference.run_reference", _fake_reference)
     monkeypatch.setattr("snowfed.tracking.build_tracker", lambda *a: _Exploding())
     run_dir = tmp_path / "run"
     summary = run(compose(["federation=smoke", "rounds=2", "aggregation=pooled", "logger=tensorboard"]),

@@ -535,38 +535,20 @@ LOADERS: dict[str, Callable[[Mapping[str, Any]], LoadedDataset]] = {
 }
 
 
-def load_dataset(cfg: Mapping[str, Any]) -> LoadedDataset:
+def load_dataset(cfg: Mapping[str, Any], loaded: dict[str, LoadedDataset] | None = None) -> LoadedDataset:
     """Load the dataset a `dataset` config mapping describes (dispatch on its `name`).
 
-    The last dataset loaded is kept, read-only, while its config and files are unchanged: a run
-    validates its config (which loads the data) before it builds its store, and a sweep checks
-    every job first, so without it a 12-run sweep read its file 24 times and held 12 copies."""
+    `loaded`: the datasets the caller has loaded already, by config; one loaded here is added,
+    read-only, since every plan that shares it reads the same arrays (a sweep's jobs: without
+    it a 12-run sweep read its file 12 times and held 12 copies)."""
     name = cfg.get("name")
     require(name in LOADERS, "dataset.name", name, f"one of {', '.join(LOADERS)}")
-    key = (repr(sorted((k, repr(v)) for k, v in cfg.items())), _source_stamp(cfg.get("path")))
-    if _LAST.get("key") != key:
-        _LAST.clear()
-        dataset = LOADERS[name](cfg)
-        for array in (dataset.images, dataset.targets):
-            array.flags.writeable = False  # shared by every plan of the process: never edited
-        _LAST.update(key=key, dataset=dataset)
-    return _LAST["dataset"]
-
-
-_LAST: dict[str, Any] = {}  # the key and dataset of the last load_dataset
-
-
-def _source_stamp(path: Any) -> tuple:
-    """Size and modification time of a dataset's file, or of every file under its folder."""
-    if not path or not os.path.exists(os.path.expanduser(str(path))):
-        return ()
-    root = os.path.expanduser(str(path))
-    if os.path.isfile(root):
-        st = os.stat(root)
-        return ((root, st.st_size, st.st_mtime_ns),)
-    stamps = []
-    for folder, _, files in os.walk(root):
-        for file in files:
-            st = os.stat(os.path.join(folder, file))
-            stamps.append((os.path.join(folder, file), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(stamps))
+    key = repr(sorted((k, repr(v)) for k, v in cfg.items()))
+    if loaded is not None and key in loaded:
+        return loaded[key]
+    dataset = LOADERS[name](cfg)
+    for array in (dataset.images, dataset.targets):
+        array.flags.writeable = False
+    if loaded is not None:
+        loaded[key] = dataset
+    return dataset

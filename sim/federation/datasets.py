@@ -6,7 +6,7 @@ and the sites are cut from them:
 1. the global clean test set: the dataset's own `test` split when it has one (MedMNIST), else
    `federation.test_fraction` of it;
 2. the rest is partitioned into the hospitals (`federation.partition`: iid, dirichlet label skew,
-   quantity skew, natural silos; sim.partition, on Flower's partitioners);
+   quantity skew, natural silos; sim.federation.partition, on Flower's partitioners);
 3. each site keeps `val_fraction` of its images as its clean held-out split;
 4. each site's training labels are degraded its own way: classification noise (symmetric,
    pairflip, a transition matrix; rate fixed or drawn per site from a range), SNOW noise for
@@ -38,14 +38,20 @@ from snowfed.config import (
 )
 from snowfed.data.loaders import LoadedDataset, load_dataset
 from snowfed.server.aggregation import validate_aggregation
+from snowfed.sim.federation.annotators import (
+    dawid_skene,
+    fused_accuracy,
+    majority_vote,
+    pixel_majority,
+    simulate_votes,
+    staple,
+)
+from snowfed.sim.federation.partition import SCHEMES, class_histogram, leakage, partition, split_indices
+from snowfed.sim.federation.sites import ModelChecks, expand_hospitals, site_basics, snow_noise
+from snowfed.sim.noise.classes import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
+from snowfed.sim.noise.masks import SnowNoise, degrade_dataset
 from snowfed.store import FederationStore, contiguous_layout, write_store
 from snowfed.strategies import StrategySpec
-
-from .annotators import dawid_skene, fused_accuracy, majority_vote, pixel_majority, simulate_votes, staple
-from .label_noise import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
-from .noise import SnowNoise, degrade_dataset
-from .partition import SCHEMES, class_histogram, leakage, partition, split_indices
-from .sites import ModelChecks, expand_hospitals, site_basics, snow_noise
 
 FEDERATION_KEYS = ("name", "partition", "val_fraction", "test_fraction", "split_level", "hospitals")
 SITE_KEYS = ("name", "noise", "strategy", "clean_fraction", "failure", "annotators", "shortcut")
@@ -171,11 +177,11 @@ def apply_shortcut(images: np.ndarray, shortcut: Mapping[str, Any]) -> np.ndarra
     return ((images >> drop) << drop).astype(np.uint8)
 
 
-def resolve(cfg: Mapping[str, Any], models: ModelChecks) -> DatasetPlan:
+def resolve(cfg: Mapping[str, Any], models: ModelChecks, loaded: dict | None = None) -> DatasetPlan:
     """Validate a loaded-dataset federation: load the data (bad files fail here, before any
     training) and check every site."""
     task = cfg["task"]["name"]
-    dataset = load_dataset(cfg["dataset"])
+    dataset = load_dataset(cfg["dataset"], loaded)
     require(dataset.task == task, "task", task,
             f"{dataset.task} for dataset={cfg['dataset']['name']} (its labels are "
             f"{'class ids' if dataset.task == 'classification' else 'masks'})")

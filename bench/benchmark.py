@@ -6,7 +6,7 @@ see `plan`):
 
 - a, snowfed: what `snowfed run` runs (the config validated, then the run), or a sweep
   (`snowfed run -m`: one simulation for all runs);
-- b, stock Flower (sim.bench_flower_app): written the way Flower's PyTorch quickstart is, on
+- b, stock Flower (bench.flower_app): written the way Flower's PyTorch quickstart is, on
   Flower's simulation engine: FedAvg's `start`, the model and the node's data made inside every
   client call, one `run_simulation` per run;
 - c, the floor: one process, no Flower, no Ray: each round the same sampled sites run the same
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from snowfed.sim.run.in_process import InProcessRounds, Learner
 
 WORKLOADS = ("W1", "W2", "S", "MEM")
 VARIANTS = ("a", "b", "c")
@@ -119,8 +121,7 @@ def mem_overrides(data: Path, sites: int, rounds: int, visit_all: bool = True) -
 
 
 def _configs(jobs: list[tuple[str, ...]], out: Path) -> list[tuple[dict, Path]]:
-    from snowfed.config import compose
-    from snowfed.sim.runner import plain_config
+    from snowfed.config import compose, plain_config
 
     return [(plain_config(compose(list(job))), out / f"run{i}") for i, job in enumerate(jobs)]
 
@@ -137,13 +138,14 @@ def child(variant: str, jobs: list[tuple[str, ...]], sweep: bool, out: Path) -> 
 
     configs = _configs(jobs, out)
     if variant == "a" and sweep:
-        from snowfed.sim.sweep import Job, run_sweep
+        from snowfed.sim.run.sweep import Job, run_sweep
 
         outcomes = run_sweep([Job(cfg, run_dir) for cfg, run_dir in configs],
                              stream=open(os.devnull, "w"))
         assert all(o.status == "completed" for o in outcomes), [o.error for o in outcomes]
     elif variant == "a":
-        from snowfed.sim.runner import run, validate
+        from snowfed.sim.run.plan import validate
+        from snowfed.sim.run.runner import run
 
         for cfg, run_dir in configs:
             validate(cfg)  # as `snowfed run` does before it starts anything (cli.run_command)
@@ -152,63 +154,86 @@ def child(variant: str, jobs: list[tuple[str, ...]], sweep: bool, out: Path) -> 
     else:
         one_run = plain_loop
         if variant == "b":  # c imports nothing of the stock Flower app
-            from snowfed.sim.bench_flower_app import run_stock_flower as one_run
+            from snowfed.bench.flower_app import run_stock_flower as one_run
         for cfg, run_dir in configs:
             one_run(cfg, run_dir, tick)
             run_ends.append(time.monotonic())
     return {"ticks": ticks, "run_ends": run_ends}
 
 
-def plain_loop(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
+class _Floor(InProcessRounds):
     """c: FedAvg's rounds in one process, the floor: each round the sampled sites train one after
     another (strategies and data built once per site), then the weighted average, the sampled
     sites' evaluation of the new global model and the server's test evaluation."""
-    import torch
 
-    from snowfed.client.trainer import node_generator, train_locally
+    def __init__(self, cfg: dict[str, Any], store, run_dir: Path, on_round):
+        from snowfed.server.aggregation import sites_per_round
+        from snowfed.server.app import build_global_model
+
+        super().__init__(cfg["seed"], cfg["rounds"], "cpu")
+        self.store, self.run_dir, self.on_round = store, run_dir, on_round
+        num_classes = store.manifest["num_classes"]
+        self.model = build_global_model(cfg["model"], num_classes, cfg["seed"])
+        self.local = build_global_model(cfg["model"], num_classes, cfg["seed"])
+        self.test = store.test_set()
+        self.nodes: dict[int, tuple[Any, Any]] = {}
+        self.num_sites = n = len(store.nodes)
+        self.per_round_train = sites_per_round(cfg["aggregation"], n)
+        self.per_round_eval = max(1, int(n * float(cfg["aggregation"]["fraction_evaluate"])))
+        self.rng = random.Random(cfg["seed"])
+        self.total, self.weights = 0, None
+
+    def learners_of(self, rnd: int) -> list[Learner]:
+        from snowfed.strategies import LocalStrategy, StrategySpec
+
+        learners = []
+        for pid in sorted(self.rng.sample(range(self.num_sites), self.per_round_train)):
+            if pid not in self.nodes:
+                data = self.store.node_data(pid)
+                spec = StrategySpec(**self.store.node(pid)["strategy"])
+                self.nodes[pid] = (data, LocalStrategy.build(spec, data.images, data.labels, data.verified))
+            learners.append(Learner(str(pid), pid, self.local, self.nodes[pid][1]))
+        return learners
+
+    def training(self, rnd: int, learner: Learner) -> None:
+        self.local.load_state_dict(self.model.state_dict())
+
+    def trained(self, rnd: int, learner: Learner, stats) -> None:
+        from snowfed.evaluation import evaluate
+
+        data = self.nodes[learner.partition_id][0]
+        evaluate(self.local, data.val_images, data.val_targets)
+        k = len(data.images)
+        state = {key: v.detach().double() * k for key, v in self.local.state_dict().items()}
+        self.weights = state if self.weights is None else {k: self.weights[k] + state[k] for k in state}
+        self.total += k
+
+    def end_round(self, rnd: int) -> None:
+        import torch
+
+        from snowfed.evaluation import evaluate
+
+        self.model.load_state_dict({key: (v / self.total).to(self.model.state_dict()[key].dtype)
+                                    for key, v in self.weights.items()})
+        self.total, self.weights = 0, None
+        for pid in self.rng.sample(range(self.num_sites), self.per_round_eval):
+            data = self.store.node_data(pid) if pid not in self.nodes else self.nodes[pid][0]
+            evaluate(self.model, data.val_images, data.val_targets)
+        evaluate(self.model, *self.test)
+        torch.save(self.model.state_dict(), self.run_dir / "checkpoint.pt")  # as every variant checkpoints
+        self.on_round(rnd)
+
+
+def plain_loop(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
+    """c, the floor (`_Floor`), from the same store as the other variants."""
     from snowfed.evaluation import evaluate
-    from snowfed.server.aggregation import sites_per_round
-    from snowfed.server.app import build_global_model
-    from snowfed.sim.runner import prepare
-    from snowfed.strategies import LocalStrategy, StrategySpec
+    from snowfed.sim.run.plan import prepare
 
     _, store = prepare(cfg, run_dir)
-    num_classes = store.manifest["num_classes"]
-    model = build_global_model(cfg["model"], num_classes, cfg["seed"])
-    local = build_global_model(cfg["model"], num_classes, cfg["seed"])
-    test = store.test_set()
-    nodes: dict[int, tuple[Any, Any]] = {}
-    n = len(store.nodes)
-    per_round_train = sites_per_round(cfg["aggregation"], n)
-    per_round_eval = max(1, int(n * float(cfg["aggregation"]["fraction_evaluate"])))
-    rng = random.Random(cfg["seed"])
-    evaluate(model, *test)
+    floor = _Floor(cfg, store, run_dir, on_round)
+    evaluate(floor.model, *floor.test)
     on_round(0)
-    for rnd in range(1, int(cfg["rounds"]) + 1):
-        total, weights = 0, None
-        for pid in sorted(rng.sample(range(n), per_round_train)):
-            if pid not in nodes:
-                data = store.node_data(pid)
-                entry = store.node(pid)
-                nodes[pid] = (data, LocalStrategy.build(StrategySpec(**entry["strategy"]), data.images,
-                                                        data.labels, data.verified))
-            data, strategy = nodes[pid]
-            local.load_state_dict(model.state_dict())
-            train_locally(local, strategy, node_generator(int(cfg["seed"]), rnd, pid), "cpu", {},
-                          run_round=(rnd, int(cfg["rounds"])))
-            evaluate(local, data.val_images, data.val_targets)
-            k = len(data.images)
-            state = {key: v.detach().double() * k for key, v in local.state_dict().items()}
-            weights = state if weights is None else {key: weights[key] + state[key] for key in state}
-            total += k
-        model.load_state_dict({key: (v / total).to(model.state_dict()[key].dtype)
-                               for key, v in weights.items()})
-        for pid in rng.sample(range(n), per_round_eval):
-            data = store.node_data(pid) if pid not in nodes else nodes[pid][0]
-            evaluate(model, data.val_images, data.val_targets)
-        evaluate(model, *test)
-        torch.save(model.state_dict(), run_dir / "checkpoint.pt")  # as every variant checkpoints
-        on_round(rnd)
+    floor.run()
 
 
 # ---------------------------------------------------------------- the parent: measure and compare
@@ -277,7 +302,7 @@ def measure(variant: str, jobs: list[tuple[str, ...]], out: Path, sweep: bool = 
     out.mkdir(parents=True, exist_ok=True)
     result, listed = out / "result.json", out / "jobs.json"
     listed.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "snowfed.sim.bench", "--child", variant, "--jobs", str(listed),
+    cmd = [sys.executable, "-m", "snowfed.bench.benchmark", "--child", variant, "--jobs", str(listed),
            "--out", str(out), *(["--sweep"] if sweep else [])]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"),
@@ -309,9 +334,9 @@ def benchmark(quick: bool, only: list[str], out: Path | None) -> int:
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    """One variant's process (`python -m snowfed.sim.bench --child V ...`, spawned by `measure`):
+    """One variant's process (`python -m snowfed.bench.benchmark --child V ...`, spawned by `measure`):
     it runs the jobs and writes what it measured where the parent said."""
-    parser = argparse.ArgumentParser(prog="python -m snowfed.sim.bench")
+    parser = argparse.ArgumentParser(prog="python -m snowfed.bench.benchmark")
     parser.add_argument("--child", choices=VARIANTS, required=True)
     parser.add_argument("--jobs", required=True)  # the child's runs: a JSON list of overrides
     parser.add_argument("--out", required=True)

@@ -34,23 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from snowfed.config import ConfigError, require
+from snowfed.config import ConfigError, plain_config, require
 from snowfed.progress import LiveLine
 from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
-from snowfed.server.app import RunInterrupted
-
-from .runner import (
-    RayStart,
-    RoundHook,
-    backend_config,
-    plain_config,
-    ray_started_early,
-    resume,
-    run,
-    run_engine,
-    validate,
-)
+from snowfed.server.transport import RunInterrupted
+from snowfed.sim.run.engine import RayStart, ray_started_early, run_engine
+from snowfed.sim.run.plan import backend_config, validate
+from snowfed.sim.run.runner import RoundHook, resume, run
 
 PARALLEL_MAX = 8  # the client keeps the nodes of this many stores (client.app.STORES_KEPT)
 
@@ -62,6 +53,7 @@ class Job:
     cfg: dict[str, Any]
     run_dir: Path
     action: str = "run"  # run | resume | skip (set by `plan_jobs`)
+    plan: Any = None  # validate's, for its run (set by `plan_jobs`)
 
 
 @dataclass
@@ -74,12 +66,14 @@ class Outcome:
 
 def plan_jobs(jobs: Sequence[Job]) -> list[Any]:
     """Validate every job's config before anything runs (an error names the job's directory) and
-    decide what each job needs: run, resume from its checkpoint, or skip (completed already)."""
-    plans = []
+    decide what each job needs: run, resume from its checkpoint, or skip (completed already).
+    Jobs over the same loaded dataset share one copy of it."""
+    plans, loaded = [], {}
     for job in jobs:
         job.cfg = plain_config(job.cfg)
         try:
-            plans.append(validate(job.cfg))
+            job.plan = validate(job.cfg, loaded)
+            plans.append(job.plan)
         except ConfigError as err:
             raise ConfigError(err.key, err.value, f"{err.allowed} (sweep job {job.run_dir})") from None
         if read_summary_status(job.run_dir) == "completed":
@@ -267,7 +261,8 @@ def _run_job(job: Job, federate, on_round: RoundHook) -> Outcome:
             summary = resume(job.run_dir, federate=federate, quiet=True, on_round=on_round)
         else:
             _move_aside_unfinished(job.run_dir)
-            summary = run(job.cfg, job.run_dir, federate=federate, quiet=True, on_round=on_round)
+            summary = run(job.cfg, job.run_dir, federate=federate, quiet=True, on_round=on_round,
+                          plan=job.plan)
     except RunInterrupted:  # its summary says so; the sweep's other runs stop too
         return Outcome(job, "interrupted", error="interrupted by the user")
     except Exception as exc:  # noqa: BLE001 - reported per run; the sweep goes on

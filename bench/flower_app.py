@@ -144,7 +144,7 @@ def run_stock_flower(cfg: dict[str, Any], run_dir: Path, on_round) -> None:
     from flwr.simulation import run_simulation
 
     from snowfed.server.app import build_global_model
-    from snowfed.sim.runner import backend_config, prepare
+    from snowfed.sim.run.plan import backend_config, prepare
 
     _, store = prepare(cfg, run_dir)
     server_app = ServerApp()

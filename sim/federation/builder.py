@@ -1,7 +1,7 @@
 """The synthetic federation: turn the `federation` config into hospitals with data, appearance,
 noisy labels and a local strategy, validated up front and written once as a federation store.
-What every site has is parsed by sim.sites; a loaded dataset is cut into sites by
-sim.dataset_sites."""
+What every site has is parsed by sim.federation.sites; a loaded dataset is cut into sites by
+sim.federation.datasets."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ from snowfed import seeds
 from snowfed.config import ConfigError, require, require_int, require_keys, require_number
 from snowfed.data.synthetic import Appearance, generate
 from snowfed.server.aggregation import SERVER_VAL_KEY, validate_aggregation
+from snowfed.sim.federation import datasets
+from snowfed.sim.federation.sites import ModelChecks, expand_hospitals, site_basics, snow_noise
+from snowfed.sim.noise.masks import SnowNoise, degrade_dataset
 from snowfed.store import ARRAYS, FederationStore, write_store
 from snowfed.strategies import StrategySpec
-
-from . import dataset_sites
-from .noise import SnowNoise, degrade_dataset
-from .sites import ModelChecks, expand_hospitals, site_basics, snow_noise
 
 APPEARANCE_FIELDS = tuple(Appearance.__dataclass_fields__)
 
@@ -66,12 +65,13 @@ def _num_verified(h: Hospital, val_fraction: float) -> int:
 SYNTHETIC = "synthetic"
 
 
-def resolve_federation(cfg: Mapping[str, Any]):
+def resolve_federation(cfg: Mapping[str, Any], loaded: dict | None = None):
     """Validate the whole federation config; raise ConfigError on the first bad key. A loaded
-    dataset (anything but dataset=synthetic) is cut into sites by sim.dataset_sites."""
+    dataset (anything but dataset=synthetic) is cut into sites by sim.federation.datasets;
+    `loaded`: datasets loaded already (snowfed.data.loaders.load_dataset)."""
     models = ModelChecks(cfg)
     if cfg["dataset"]["name"] != SYNTHETIC:
-        return dataset_sites.resolve(cfg, models)
+        return datasets.resolve(cfg, models, loaded)
     require(cfg["task"]["name"] == "segmentation", "task", cfg["task"]["name"],
             "segmentation with dataset=synthetic (its labels are masks); pick a classification "
             "dataset (digits, npz, image_folder) for task=classification")
@@ -122,10 +122,10 @@ def resolve_federation(cfg: Mapping[str, Any]):
 
 
 def build_store(plan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
-    """Write the run's federation store: sim.dataset_sites for a loaded dataset, else the
+    """Write the run's federation store: sim.federation.datasets for a loaded dataset, else the
     synthetic hospitals below."""
     if not isinstance(plan, FederationPlan):
-        return dataset_sites.build(plan, cfg, path)
+        return datasets.build(plan, cfg, path)
     return _build_synthetic_store(plan, cfg, path)
 
 
@@ -211,22 +211,3 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
     chunks = node_rows + test_rows + server_rows
     arrays = {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(ARRAYS)}
     return FederationStore(write_store(path, arrays, manifest))
-
-
-def node_facts(store: FederationStore) -> dict[str, dict[str, Any]]:
-    """What summary.json says of each node before any training (appearance for synthetic
-    sites; class histogram, patients and shortcut for sites cut from a loaded dataset)."""
-    optional = ("appearance", "class_histogram", "patients", "shortcut")
-    return {
-        n["name"]: {
-            "noise_profile": n["noise_profile"],
-            "strategy": n["strategy"]["name"],
-            "num_train": n["num_train"],
-            "num_val": n["num_val"],
-            "num_verified": len(n.get("verified", [])),
-            "label_noise": n["label_noise"],
-            "noise": n["noise"],
-            **{k: n[k] for k in optional if k in n},
-        }
-        for n in store.nodes
-    }

@@ -1,7 +1,7 @@
 """Crowd-sourced labels: several annotators per item, and ways to fuse them into one label.
 
 Medical labels often come from several readers of unequal skill. This module simulates them
-(one transition matrix per annotator, :mod:`snowfed.sim.label_noise`) and fuses them:
+(one transition matrix per annotator, :mod:`snowfed.sim.noise.classes`) and fuses them:
 
 - classification: :func:`majority_vote`, and :func:`dawid_skene` (Dawid & Skene 1979), which
   learns one confusion matrix per annotator by EM and so trusts the good ones more;
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from .label_noise import apply_transition
+from snowfed.sim.noise.classes import apply_transition
 
 MISSING = -1  # a vote an annotator did not give
 PSEUDO_COUNT = 0.01  # added to every confusion / prior count in Dawid-Skene, so no log(0)

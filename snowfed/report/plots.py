@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .rundir import atomic_write_bytes  # noqa: E402
+from snowfed.rundir import atomic_write_bytes  # noqa: E402
 
 MAX_NODE_LEGEND = 12
 
@@ -169,7 +169,7 @@ def plot_metric_per_round(
 ) -> None:
     """One panel per column value, one line per row value: the global metric per round, mean over
     the cell's runs (usually the seeds), shaded from the lowest to the highest run. `curves` maps
-    (row, col) to an object with rounds, mean, low, high and runs (sim.report.Curve)."""
+    (row, col) to an object with rounds, mean, low, high and runs (report.figures.Curve)."""
     rows = [r for r in rows or dict.fromkeys(r for r, _ in curves) if any(k[0] == r for k in curves)]
     cols = [c for c in cols or dict.fromkeys(c for _, c in curves) if any(k[1] == c for k in curves)]
     ncols = min(len(cols), 3)
@@ -216,7 +216,7 @@ def plot_metric_vs_noise(
     """The final global metric against the noise level, one line per row (e.g. strategy): each
     point the mean ± sample sd over its runs (the seeds), its horizontal bar the sd of the runs'
     measured noise levels; faint dots are the runs. `series` maps a row to points with level,
-    level_sd, values, mean, sd and label (sim.report.NoisePoint); without `noise_key` each
+    level_sd, values, mean, sd and label (report.figures.NoisePoint); without `noise_key` each
     point is a column value (label), written above the axes at its level."""
     rows = [r for r in rows or series if r in series]
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110, layout="constrained")
@@ -266,7 +266,7 @@ def plot_quality_quantity(
     """The talk's quality-versus-quantity plane: one marker per run at (annotated training
     samples, label quality), coloured by its final global metric, its shape the run's row value.
     Runs at the same spot (e.g. two strategies on the same seed's labels) are nudged sideways by
-    row. `points` have samples, quality, value and row (sim.report.MapPoint)."""
+    row. `points` have samples, quality, value and row (report.figures.MapPoint)."""
 
     rows = [r for r in rows or dict.fromkeys(p.row for p in points) if any(p.row == r for p in points)]
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110, layout="constrained")

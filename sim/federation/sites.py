@@ -1,5 +1,5 @@
 """What every site of a federation has, parsed in one place for the synthetic hospitals
-(sim.federation) and for the sites cut from a loaded dataset (sim.dataset_sites): its name, its
+(sim.federation) and for the sites cut from a loaded dataset (sim.federation.datasets): its name, its
 strategy checked against the task and the model, which noise spec applies (the run's `noise`
 over the site's own), its share of verified labels and its simulated failure. A new per-site
 option common to both is parsed here once."""
@@ -21,10 +21,9 @@ from snowfed.config import (
     require_number,
 )
 from snowfed.models import MODEL_TASKS, MODELS, NORMS, build_model
+from snowfed.sim.noise.masks import SnowNoise
 from snowfed.strategies import StrategySpec
 from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
-
-from .noise import SnowNoise
 
 SNOW_NOISE_FIELDS = ("p_remove", "sigma", "simplify_every", "bounding_box")
 FAILURE_MODES = ("raise", "stall", "nan")  # nan: the site replies with a NaN update (diverged)
