@@ -216,16 +216,8 @@ def report(
     two config keys, with a Friedman/Nemenyi ranking of the rows and a pairwise Wilcoxon score;
     writes report.md, report.csv and the plots (metric_per_round.png, metric_vs_noise.png,
     quality_quantity.png, critical_difference.png)."""
-    from snowfed.report import (
-        build_table,
-        check_report_keys,
-        find_runs,
-        friedman_ranking,
-        pairwise_score,
-        write_plots,
-        write_ranking,
-        write_report,
-    )
+    from snowfed.report import check_report_keys, find_runs
+    from snowfed.report.command import write_reports
 
     try:
         runs = find_runs([str(d) for d in dirs])
@@ -240,36 +232,8 @@ def report(
     except ValueError as err:
         print(f"snowfed: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    table = build_table(runs, rows, cols, metric, row_order, col_order)
-    out = Path(out or dirs[0])
-    score = pairwise_score(runs, rows, cols, metric)
-    ranking = friedman_ranking(runs, rows, cols, metric, row_order=row_order,
-                               col_order=col_order)
-    plots = write_ranking(ranking, out, metric) + write_plots(runs, table, out, noise_key)
-    md, csv_path = write_report(table, out, score, plots, ranking)
-    if privacy_plot:
-        from snowfed.report import Cell, privacy_utility
-        from snowfed.report.plots import plot_metric_against_epsilon
-
-        series, reference = privacy_utility(runs, privacy_plot, metric)
-        plot_metric_against_epsilon(series, out / "privacy_utility.png", metric, reference)
-        for label, points in [*series.items(), ("no privacy", [(0.0, v) for v in reference])]:
-            eps, values = Cell(tuple(p[0] for p in points)), Cell(tuple(p[1] for p in points))
-            print(f"{label}: epsilon {eps.mean:.2f}, {metric} {values.text()} "
-                  f"[{', '.join(f'{v:.3f}' for v in values.values)}]")
-        print(f"wrote {out / 'privacy_utility.png'}")
-    print(table.markdown(), end="")
-    print(ranking.markdown(), end="")
-    print(score.markdown(), end="")
-    for line in plots:  # report.md's plot sections: a caption and image, or why not drawn
-        if line.startswith("#"):
-            continue
-        if line.startswith("!["):
-            print(f"  wrote {out / line[line.index('](') + 2 : -1]}")
-        elif line:
-            print(line)
-    print(f"{sum(len(c.values) for c in table.cells.values())} runs ({table.skipped} not completed "
-          f"skipped); wrote {md} and {csv_path}")
+    write_reports(runs, rows, cols, metric, row_order, col_order, Path(out or dirs[0]), noise_key,
+                  privacy_plot)
     return 0
 
 
