@@ -16,7 +16,7 @@ from snowfed.client.trainer import train_locally
 from snowfed.config import ConfigError, compose, plain_config
 from snowfed.metrics import classification_metrics
 from snowfed.models import build_model, stage_keys
-from snowfed.sim.federation.datasets import shortcut_report
+from snowfed.sim.federation.shortcut import shortcut_report
 from snowfed.sim.run.plan import prepare
 from snowfed.sim.run.runner import run
 from snowfed.strategies import LocalStrategy, StrategySpec

@@ -129,6 +129,67 @@ def build_store(plan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
     return _build_synthetic_store(plan, cfg, path)
 
 
+@dataclass(frozen=True)
+class _SyntheticSite:
+    """One hospital's generated rows (images, clean masks, noisy masks) in the order test, val,
+    train, and what its label noise did."""
+
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray]
+    n_test: int
+    n_val: int
+    n_train: int
+    n_verified: int
+    label_noise: dict[str, Any]
+
+
+def _generate_site(plan: FederationPlan, i: int, h: Hospital) -> _SyntheticSite:
+    """Hospital i's images in its appearance, its splits, and its training labels degraded with
+    its noise (the first n_verified training images keep their clean labels)."""
+    n_test = plan.test_images_per_site
+    imgs, inst = generate(h.num_images + n_test, plan.image_size, seed=seeds.site_images(plan.seed, i),
+                          appearance=h.appearance)
+    n_val = max(1, int(round(plan.val_fraction * h.num_images))) if plan.val_fraction else 0
+    n_train = h.num_images - n_val
+    if n_train < 1:
+        raise ConfigError(f"federation.hospitals[{i}].num_images", h.num_images,
+                          f"large enough to leave a training image after a {plan.val_fraction} "
+                          "validation split")
+    n_verified = _num_verified(h, plan.val_fraction)
+    labels, stats = degrade_dataset(inst[n_test + n_val + n_verified :], h.noise,
+                                    seed=seeds.label_noise(plan.seed, i))
+    clean = (inst > 0).astype(np.uint8)
+    noisy = clean.copy()
+    noisy[n_test + n_val + n_verified :] = labels
+    return _SyntheticSite((imgs, clean, noisy), n_test, n_val, n_train, n_verified, stats)
+
+
+def _node_entry(h: Hospital, site: _SyntheticSite, train_start: int) -> dict[str, Any]:
+    """The manifest's entry of a hospital whose rows start at `train_start` (train, then val)."""
+    val_start = train_start + site.n_train
+    return {
+        "name": h.name,
+        "val": list(range(val_start, val_start + site.n_val)),
+        "train": list(range(train_start, train_start + site.n_train)),
+        "verified": list(range(train_start, train_start + site.n_verified)),
+        "num_train": site.n_train,
+        "num_val": site.n_val,
+        "noise_profile": h.noise_profile,
+        "noise": asdict(h.noise),
+        "label_noise": site.label_noise,
+        "appearance": asdict(h.appearance),
+        "strategy": asdict(h.strategy),
+        **({"failure": h.failure} if h.failure else {}),
+    }
+
+
+def _server_images(plan: FederationPlan, i: int, h: Hospital) -> tuple[np.ndarray, ...]:
+    """The server's clean images in hospital i's appearance, from a seed of their own."""
+    imgs, inst = generate(plan.server_val_per_site, plan.image_size,
+                          seed=seeds.server_images(plan.seed, i), appearance=h.appearance)
+    mask = (inst > 0).astype(np.uint8)
+    return imgs, mask, mask
+
+
 def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: Path) -> FederationStore:
     """Generate each hospital's images (its appearance), split them (global clean test, the
     node's clean held-out split, its training set), degrade the training labels with the
@@ -144,57 +205,19 @@ def _build_synthetic_store(plan: FederationPlan, cfg: Mapping[str, Any], path: P
     test_offset = sum(h.num_images for h in plan.hospitals)
     server_offset = test_offset + plan.test_images_per_site * len(plan.hospitals)
     for i, h in enumerate(plan.hospitals):
-        n_test = plan.test_images_per_site
-        total = h.num_images + n_test
-        imgs, inst = generate(total, plan.image_size, seed=seeds.site_images(plan.seed, i),
-                               appearance=h.appearance)
-        n_val = max(1, int(round(plan.val_fraction * h.num_images))) if plan.val_fraction else 0
-        n_train = h.num_images - n_val
-        if n_train < 1:
-            raise ConfigError(f"federation.hospitals[{i}].num_images", h.num_images,
-                              f"large enough to leave a training image after a {plan.val_fraction} "
-                              "validation split")
-        n_verified = _num_verified(h, plan.val_fraction)
-        # generated in the order test, val, train; the first n_verified training images keep
-        # their clean labels, the rest are degraded
-        labels, stats = degrade_dataset(inst[n_test + n_val + n_verified :], h.noise,
-                                        seed=seeds.label_noise(plan.seed, i))
-        clean_i = (inst > 0).astype(np.uint8)
-        noisy_i = clean_i.copy()
-        noisy_i[n_test + n_val + n_verified :] = labels
-        site = (imgs, clean_i, noisy_i)
-        node_rows.append(tuple(a[n_test + n_val :] for a in site))  # its training rows
-        node_rows.append(tuple(a[n_test : n_test + n_val] for a in site))  # its val rows
-        test_rows.append(tuple(a[:n_test] for a in site))
-        train_start, val_start = offset, offset + n_train
-        test.extend(range(test_offset, test_offset + n_test))
-        nodes.append(
-            {
-                "name": h.name,
-                "val": list(range(val_start, val_start + n_val)),
-                "train": list(range(train_start, train_start + n_train)),
-                "verified": list(range(train_start, train_start + n_verified)),
-                "num_train": n_train,
-                "num_val": n_val,
-                "noise_profile": h.noise_profile,
-                "noise": asdict(h.noise),
-                "label_noise": stats,
-                "appearance": asdict(h.appearance),
-                "strategy": asdict(h.strategy),
-                **({"failure": h.failure} if h.failure else {}),
-            }
-        )
+        site = _generate_site(plan, i, h)
+        own = site.n_test + site.n_val  # where its training rows start in the generated order
+        node_rows.append(tuple(a[own:] for a in site.arrays))
+        node_rows.append(tuple(a[site.n_test : own] for a in site.arrays))
+        test_rows.append(tuple(a[: site.n_test] for a in site.arrays))
+        test.extend(range(test_offset, test_offset + site.n_test))
+        nodes.append(_node_entry(h, site, offset))
         offset += h.num_images
-        test_offset += n_test
+        test_offset += site.n_test
         if plan.server_val_per_site:
-            # the server's clean images in this site's appearance, from a seed of their own
-            k = plan.server_val_per_site
-            imgs, inst = generate(k, plan.image_size, seed=seeds.server_images(plan.seed, i),
-                                  appearance=h.appearance)
-            mask = (inst > 0).astype(np.uint8)
-            server_rows.append((imgs, mask, mask))
-            server_val.extend(range(server_offset, server_offset + k))
-            server_offset += k
+            server_rows.append(_server_images(plan, i, h))
+            server_val.extend(range(server_offset, server_offset + plan.server_val_per_site))
+            server_offset += plan.server_val_per_site
     manifest = {
         "federation": plan.name,
         "seed": plan.seed,

@@ -38,18 +38,11 @@ from snowfed.config import (
 )
 from snowfed.data.loaders import LoadedDataset, load_dataset
 from snowfed.server.aggregation import validate_aggregation
-from snowfed.sim.federation.annotators import (
-    dawid_skene,
-    fused_accuracy,
-    majority_vote,
-    pixel_majority,
-    simulate_votes,
-    staple,
-)
+from snowfed.sim.federation.labels import degrade_site
 from snowfed.sim.federation.partition import SCHEMES, class_histogram, leakage, partition, split_indices
+from snowfed.sim.federation.shortcut import apply_shortcut, parse_shortcut
 from snowfed.sim.federation.sites import ModelChecks, expand_hospitals, site_basics, snow_noise
-from snowfed.sim.noise.classes import KINDS, apply_transition, draw_rate, measure_noise, transition_matrix
-from snowfed.sim.noise.masks import SnowNoise, degrade_dataset
+from snowfed.sim.noise.classes import KINDS, draw_rate, transition_matrix
 from snowfed.store import FederationStore, contiguous_layout, write_store
 from snowfed.strategies import StrategySpec
 
@@ -57,7 +50,6 @@ FEDERATION_KEYS = ("name", "partition", "val_fraction", "test_fraction", "split_
 SITE_KEYS = ("name", "noise", "strategy", "clean_fraction", "failure", "annotators", "shortcut")
 SPLIT_LEVELS = ("patient", "image")
 FUSIONS = {"classification": ("majority", "dawid_skene"), "segmentation": ("majority", "staple")}
-SHORTCUT_EFFECTS = ("intensity", "bit_depth")
 
 
 @dataclass(frozen=True)
@@ -147,36 +139,6 @@ def _annotators(spec: Any, key: str, task: str, num_classes: int) -> dict[str, A
     return {"count": count, "noise": specs, "fusion": fusion}
 
 
-def _shortcut(spec: Any, key: str, task: str, num_classes: int) -> dict[str, Any] | None:
-    """{class: c, effect: intensity (scale) | bit_depth (bits)}: the site encodes class c
-    differently in its pixels, a shortcut a model can learn instead of the content."""
-    if spec is None:
-        return None
-    require(task == "classification", key, spec, "unset: the shortcut effect hides a class, so it "
-            "needs task=classification")
-    require(isinstance(spec, Mapping), key, spec, "a mapping {class, effect, scale | bits}")
-    require_keys(spec, ("class", "effect", "scale", "bits"), key, "a key of shortcut")
-    cls = spec.get("class")
-    require(isinstance(cls, int) and not isinstance(cls, bool) and 0 <= cls < num_classes,
-            f"{key}.class", cls, f"a class id from 0 to {num_classes - 1}")
-    effect = spec.get("effect", "intensity")
-    require(effect in SHORTCUT_EFFECTS, f"{key}.effect", effect, f"one of {', '.join(SHORTCUT_EFFECTS)}")
-    if effect == "intensity":
-        scale = require_number(spec.get("scale", 0.5), f"{key}.scale", 0.0, 4.0)
-        return {"class": cls, "effect": effect, "scale": scale}
-    bits = spec.get("bits", 3)
-    require(isinstance(bits, int) and 1 <= bits <= 7, f"{key}.bits", bits, "an integer from 1 to 7")
-    return {"class": cls, "effect": effect, "bits": bits}
-
-
-def apply_shortcut(images: np.ndarray, shortcut: Mapping[str, Any]) -> np.ndarray:
-    """The site's pixels of the shortcut class: intensity range scaled, or bit depth reduced."""
-    if shortcut["effect"] == "intensity":
-        return np.clip(np.rint(images.astype(np.float32) * shortcut["scale"]), 0, 255).astype(np.uint8)
-    drop = 8 - shortcut["bits"]
-    return ((images >> drop) << drop).astype(np.uint8)
-
-
 def resolve(cfg: Mapping[str, Any], models: ModelChecks, loaded: dict | None = None) -> DatasetPlan:
     """Validate a loaded-dataset federation: load the data (bad files fail here, before any
     training) and check every site."""
@@ -198,27 +160,8 @@ def resolve(cfg: Mapping[str, Any], models: ModelChecks, loaded: dict | None = N
     require(len(sites_cfg) > 0, "federation.hospitals", len(sites_cfg), "a list of at least one "
             "hospital (none: one per site folder, with dataset.layout=sites)")
     require_int(cfg.get("rounds"), "rounds", 1)
-    C = dataset.num_classes
-    sites, names = [], set()
-    for i, h in enumerate(sites_cfg):
-        key = f"federation.hospitals[{i}]"
-        require_keys(h, SITE_KEYS, key, "a key of a hospital over a loaded dataset", "num_images "
-                     "and appearance are for dataset=synthetic: here the partition sizes the sites")
-        site = site_basics(h, i, cfg, task, names, models, C)
-        if task == "classification":
-            profile, noise = _class_noise(site.noise_spec, site.noise_key, C)
-        else:
-            profile, noise = _seg_noise(site.noise_spec, site.noise_key)
-        annotators = _annotators(h.get("annotators"), f"{key}.annotators", task, C)
-        if annotators is not None:
-            require(h.get("noise") in (None, "clean"), f"{key}.noise", h.get("noise"),
-                    f"unset when {key}.annotators is set (the annotators' votes are the labels)")
-            profile = f"annotators:{annotators['fusion']}"
-        sites.append(Site(
-            name=site.name, strategy=site.strategy, noise_profile=profile, noise=noise,
-            clean_fraction=site.clean_fraction, failure=site.failure, annotators=annotators,
-            shortcut=_shortcut(h.get("shortcut"), f"{key}.shortcut", task, C),
-        ))
+    names: set[str] = set()
+    sites = [_site(h, i, cfg, names, models, dataset.num_classes) for i, h in enumerate(sites_cfg)]
     # unset (null) keys are left to the partitioner's defaults, so one yaml lists them all
     scheme = part.pop("scheme", "iid")
     require(scheme in SCHEMES, "federation.partition.scheme", scheme, f"one of {', '.join(SCHEMES)}")
@@ -244,6 +187,30 @@ def resolve(cfg: Mapping[str, Any], models: ModelChecks, loaded: dict | None = N
     # partition and splits now: a site left empty is a config error, not a crash later
     test, cuts = _cut(plan)
     return replace(plan, test=test, cuts=cuts)
+
+
+def _site(h: Mapping[str, Any], i: int, cfg: Mapping[str, Any], names: set[str],
+          models: ModelChecks, num_classes: int) -> Site:
+    """Hospital i of a loaded-dataset federation: what every site has (sites.site_basics), its
+    noise by task, its annotators and its shortcut."""
+    task, key = cfg["task"]["name"], f"federation.hospitals[{i}]"
+    require_keys(h, SITE_KEYS, key, "a key of a hospital over a loaded dataset", "num_images "
+                 "and appearance are for dataset=synthetic: here the partition sizes the sites")
+    site = site_basics(h, i, cfg, task, names, models, num_classes)
+    if task == "classification":
+        profile, noise = _class_noise(site.noise_spec, site.noise_key, num_classes)
+    else:
+        profile, noise = _seg_noise(site.noise_spec, site.noise_key)
+    annotators = _annotators(h.get("annotators"), f"{key}.annotators", task, num_classes)
+    if annotators is not None:
+        require(h.get("noise") in (None, "clean"), f"{key}.noise", h.get("noise"),
+                f"unset when {key}.annotators is set (the annotators' votes are the labels)")
+        profile = f"annotators:{annotators['fusion']}"
+    return Site(
+        name=site.name, strategy=site.strategy, noise_profile=profile, noise=noise,
+        clean_fraction=site.clean_fraction, failure=site.failure, annotators=annotators,
+        shortcut=parse_shortcut(h.get("shortcut"), f"{key}.shortcut", task, num_classes),
+    )
 
 
 def _cut(plan: DatasetPlan) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
@@ -283,49 +250,6 @@ def _cut(plan: DatasetPlan) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
     return test, sites
 
 
-def _degrade_classification(site: Site, clean: np.ndarray, num_classes: int, rng) -> tuple[np.ndarray, dict]:
-    if site.annotators is None:
-        rate = draw_rate(site.noise["rate"], rng, "noise.rate")
-        T = transition_matrix(site.noise["kind"], num_classes, rate, site.noise.get("matrix"))
-        noisy = apply_transition(clean, T, rng)
-        return noisy, {**measure_noise(clean, noisy, num_classes), "configured_rate": rate}
-    matrices, rates = [], []
-    for spec in site.annotators["noise"]:
-        rates.append(draw_rate(spec["rate"], rng, "annotators.noise.rate"))
-        matrices.append(transition_matrix(spec["kind"], num_classes, rates[-1], spec.get("matrix")))
-    votes = simulate_votes(clean, matrices, rng)
-    mv = majority_vote(votes, num_classes)
-    fused = mv if site.annotators["fusion"] == "majority" else dawid_skene(votes, num_classes).labels
-    return fused, {
-        **measure_noise(clean, fused, num_classes),
-        "annotators": {
-            "count": len(matrices), "fusion": site.annotators["fusion"], "configured_rates": rates,
-            "annotator_accuracy": [fused_accuracy(votes[:, k], clean) for k in range(votes.shape[1])],
-            "majority_accuracy": fused_accuracy(mv, clean),
-            "fused_accuracy": fused_accuracy(fused, clean),
-        },
-    }
-
-
-def _degrade_segmentation(site: Site, instances: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    clean = (instances > 0).astype(np.uint8)
-    if site.annotators is None:
-        return degrade_dataset(instances, SnowNoise(**site.noise), seed=seed)
-    masks = np.stack([degrade_dataset(instances, SnowNoise(**spec), seed=seeds.annotator(seed, k))[0]
-                      for k, spec in enumerate(site.annotators["noise"])])
-    fused = pixel_majority(masks) if site.annotators["fusion"] == "majority" else staple(masks).mask
-    fused = fused.astype(np.uint8)
-    return fused, {
-        "pixel_disagreement": float(np.mean(fused != clean)),
-        "annotators": {
-            "count": len(masks), "fusion": site.annotators["fusion"],
-            "annotator_accuracy": [fused_accuracy(m, clean) for m in masks],
-            "majority_accuracy": fused_accuracy(pixel_majority(masks), clean),
-            "fused_accuracy": fused_accuracy(fused, clean),
-        },
-    }
-
-
 def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
     """Cut the sites, degrade each site's training labels, apply site effects, check leakage,
     and write the run's one federation store.
@@ -351,24 +275,16 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
         store_train, store_val = ranges[2 * i], ranges[2 * i + 1]
         n_verified = int(round(site.clean_fraction * len(train)))
         degraded = train[n_verified:]
-        rng = np.random.default_rng(seeds.class_noise(plan.seed, i))
-        if task == "classification":
-            labels, stats = _degrade_classification(site, data.targets[degraded], C, rng)
-        else:
-            labels, stats = _degrade_segmentation(site, data.targets[degraded],
-                                                   seeds.label_noise(plan.seed, i))
-        noisy[degraded] = labels
+        noisy[degraded], stats = degrade_site(plan.task, site.noise, site.annotators, data.targets[degraded],
+                                              data.num_classes, plan.seed, i)
         entry: dict[str, Any] = {
             "name": site.name, "train": store_train, "val": store_val,
             "verified": store_train[:n_verified], "num_train": len(train), "num_val": len(val),
             "noise_profile": site.noise_profile, "noise": site.annotators or site.noise,
             "label_noise": stats, "strategy": asdict(site.strategy),
             **({"failure": site.failure} if site.failure else {}),
+            **_site_facts(data, clean, np.concatenate([train, val])),
         }
-        if task == "classification":
-            entry["class_histogram"] = class_histogram(clean, np.concatenate([train, val]), C)
-        if data.patient is not None:
-            entry["patients"] = len(np.unique(data.patient[np.concatenate([train, val])]))
         if site.shortcut is not None:
             # the site's rows (train, then val) sit at store_train + store_val in the store
             rows = np.concatenate([train, val])
@@ -398,6 +314,16 @@ def build(plan: DatasetPlan, cfg: Mapping[str, Any], path) -> FederationStore:
     return FederationStore(write_store(path, {"images": images, "clean": clean, "noisy": noisy}, manifest))
 
 
+def _site_facts(data: LoadedDataset, clean: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    """Its class histogram (classification) and patient count (when patients are known)."""
+    facts: dict[str, Any] = {}
+    if data.task == "classification":
+        facts["class_histogram"] = class_histogram(clean, rows, data.num_classes)
+    if data.patient is not None:
+        facts["patients"] = len(np.unique(data.patient[rows]))
+    return facts
+
+
 def _data_report(plan: DatasetPlan, dataset_cfg: Mapping[str, Any], test: np.ndarray,
                  cuts: list[dict[str, np.ndarray]]) -> dict:
     """What the summary says of the data: source, skipped files, the patient-leakage check."""
@@ -425,42 +351,3 @@ def _data_report(plan: DatasetPlan, dataset_cfg: Mapping[str, Any], test: np.nda
             "leaked_patients": len(set(train_test) | {p for v in train_val.values() for p in v}),
         }
     return report
-
-
-def shortcut_report(store: FederationStore, model) -> dict[str, dict[str, Any]]:
-    """For each shortcut site: the model's scores on its clean held-out split as the site's
-    scanner shows it (shortcut on) and as another site's would (shortcut removed). A model that
-    learned the shortcut instead of the content loses accuracy on the second, above all on the
-    shortcut class (`class_accuracy_*`)."""
-    from snowfed.evaluation import evaluate
-
-    images, clean = store.arrays["images"], store.arrays["clean"]
-    report = {}
-    for node in store.nodes:
-        shortcut = node.get("shortcut")
-        if shortcut is None or not node["val"]:
-            continue
-        val, plain = np.asarray(node["val"]), np.asarray(shortcut["val_plain"])
-        targets = np.asarray(clean[val])
-        of_class = targets == shortcut["class"]
-        entry = {}
-        for name, rows in (("with_shortcut", val), ("shortcut_removed", plain)):
-            scores = evaluate(model, images[rows], targets)
-            entry[f"accuracy_{name}"] = scores["accuracy"]
-            entry[f"f1_{name}"] = scores["f1"]
-            entry[f"class_accuracy_{name}"] = (
-                float(np.mean(model_predictions(model, images[rows[of_class]]) == shortcut["class"]))
-                if of_class.any() else None)
-        report[node["name"]] = {**{k: shortcut[k] for k in shortcut if k != "val_plain"}, **entry}
-    return report
-
-
-def model_predictions(model, images: np.ndarray) -> np.ndarray:
-    import torch
-
-    from snowfed.evaluation import images_to_tensor
-
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(images_to_tensor(images).to(device)).argmax(dim=1).cpu().numpy()

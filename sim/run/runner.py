@@ -185,7 +185,7 @@ def _shortcut_summary(run_dir: Path, store: FederationStore) -> dict:
     import torch
 
     from snowfed.server.app import build_global_model
-    from snowfed.sim.federation.datasets import shortcut_report
+    from snowfed.sim.federation.shortcut import shortcut_report
 
     cfg = store.manifest
     model = build_global_model(cfg["model"], cfg["num_classes"], int(cfg["seed"]))
