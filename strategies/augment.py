@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -149,55 +150,65 @@ def histo(
     So the randomness is drawn here and only the deterministic kernels (blur, HSV) are borrowed.
     """
 
+    p = SimpleNamespace(**locals())  # the parameters above, for the two halves below
     import kornia  # where used: ~0.5 s to import, which every Ray actor would pay at start-up
 
     def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
-        n, _, h, w = x.shape
-        dev = x.device
-
-        def pick(p, before, after):
-            return _pick(p, n, generator, dev, before, after)
-
-        # Geometric: image and mask together.
-        for dim in (-1, -2):
-            chosen = _rand(generator, dev, n) < flip_p
-            x = torch.where(chosen[:, None, None, None], x.flip(dim), x)
-            y = torch.where(chosen[:, None, None], y.flip(dim), y)
-        turns = torch.where(_rand(generator, dev, n) < rot90_p, 1 + (_rand(generator, dev, n) * 3).long(), 0)
-        x0, y0 = x, y
-        for k in (1, 2, 3):
-            x = torch.where((turns == k)[:, None, None, None], torch.rot90(x0, k, (-2, -1)), x)
-            y = torch.where((turns == k)[:, None, None], torch.rot90(y0, k, (-2, -1)), y)
-        for p, alpha, field in (
-            (elastic_p, elastic_alpha, lambda: elastic_field(n, h, w, elastic_sigma, generator, dev)),
-            (fourier_p, fourier_alpha, lambda: fourier_field(n, h, w, fourier_freqs, generator, dev)),
-        ):
-            if p > 0 and alpha > 0:
-                chosen = (_rand(generator, dev, n) < p).to(x.dtype)
-                x, y = warp(x, y, field() * alpha * chosen[:, None, None, None])
-
-        # Photometric: image only.
-        g = torch.exp(_uniform(generator, dev, n, gamma))
-        x = pick(gamma_p, x, x.clamp_min(0) ** g[:, None, None, None])
-        hsv = kornia.color.rgb_to_hsv(x)
-        hsv = torch.stack([
-            (hsv[:, 0] + 2 * math.pi * _uniform(generator, dev, n, hue)[:, None, None]) % (2 * math.pi),
-            (hsv[:, 1] * (1 + _uniform(generator, dev, n, saturation))[:, None, None]).clamp(0, 1),
-            (hsv[:, 2] * (1 + _uniform(generator, dev, n, value))[:, None, None]).clamp(0, 1),
-        ], dim=1)
-        x = pick(hsv_p, x, kornia.color.hsv_to_rgb(hsv))
-        scale = 1 + _uniform(generator, dev, 2 * n, stain_scale).view(n, 2)
-        shift = _uniform(generator, dev, 2 * n, stain_shift).view(n, 2)
-        x = pick(stain_p, x, stain_jitter(x, scale, shift).clamp(0, 1))
-        if blur_p > 0 and blur_sigma > 0:
-            sigma = (0.1 + _rand(generator, dev, n) * blur_sigma)[:, None].expand(n, 2)
-            size = 2 * math.ceil(3 * (0.1 + blur_sigma)) + 1
-            blurred = kornia.filters.gaussian_blur2d(x, (size, size), sigma, border_type="reflect")
-            x = pick(blur_p, x, blurred)
-        x = pick(noise_p, x, x + noise_std * _randn(generator, dev, *x.shape))
-        return x.clamp(0, 1), y
+        x, y = _geometric(x, y, generator, p)
+        return _photometric(x, generator, p, kornia).clamp(0, 1), y
 
     return augment
+
+
+def _geometric(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+               p: SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """histo's flips, quarter turns, elastic and Fourier warps: image and mask together."""
+    n, _, h, w = x.shape
+    dev = x.device
+    for dim in (-1, -2):
+        chosen = _rand(generator, dev, n) < p.flip_p
+        x = torch.where(chosen[:, None, None, None], x.flip(dim), x)
+        y = torch.where(chosen[:, None, None], y.flip(dim), y)
+    turns = torch.where(_rand(generator, dev, n) < p.rot90_p, 1 + (_rand(generator, dev, n) * 3).long(), 0)
+    x0, y0 = x, y
+    for k in (1, 2, 3):
+        x = torch.where((turns == k)[:, None, None, None], torch.rot90(x0, k, (-2, -1)), x)
+        y = torch.where((turns == k)[:, None, None], torch.rot90(y0, k, (-2, -1)), y)
+    for chance, alpha, field in (
+        (p.elastic_p, p.elastic_alpha, lambda: elastic_field(n, h, w, p.elastic_sigma, generator, dev)),
+        (p.fourier_p, p.fourier_alpha, lambda: fourier_field(n, h, w, p.fourier_freqs, generator, dev)),
+    ):
+        if chance > 0 and alpha > 0:
+            chosen = (_rand(generator, dev, n) < chance).to(x.dtype)
+            x, y = warp(x, y, field() * alpha * chosen[:, None, None, None])
+    return x, y
+
+
+def _photometric(x: torch.Tensor, generator: torch.Generator, p: SimpleNamespace, kornia) -> torch.Tensor:
+    """histo's gamma, HSV, stain, blur and noise: the image only."""
+    n, dev = x.shape[0], x.device
+
+    def pick(chance, before, after):
+        return _pick(chance, n, generator, dev, before, after)
+
+    g = torch.exp(_uniform(generator, dev, n, p.gamma))
+    x = pick(p.gamma_p, x, x.clamp_min(0) ** g[:, None, None, None])
+    hsv = kornia.color.rgb_to_hsv(x)
+    hsv = torch.stack([
+        (hsv[:, 0] + 2 * math.pi * _uniform(generator, dev, n, p.hue)[:, None, None]) % (2 * math.pi),
+        (hsv[:, 1] * (1 + _uniform(generator, dev, n, p.saturation))[:, None, None]).clamp(0, 1),
+        (hsv[:, 2] * (1 + _uniform(generator, dev, n, p.value))[:, None, None]).clamp(0, 1),
+    ], dim=1)
+    x = pick(p.hsv_p, x, kornia.color.hsv_to_rgb(hsv))
+    scale = 1 + _uniform(generator, dev, 2 * n, p.stain_scale).view(n, 2)
+    shift = _uniform(generator, dev, 2 * n, p.stain_shift).view(n, 2)
+    x = pick(p.stain_p, x, stain_jitter(x, scale, shift).clamp(0, 1))
+    if p.blur_p > 0 and p.blur_sigma > 0:
+        sigma = (0.1 + _rand(generator, dev, n) * p.blur_sigma)[:, None].expand(n, 2)
+        size = 2 * math.ceil(3 * (0.1 + p.blur_sigma)) + 1
+        blurred = kornia.filters.gaussian_blur2d(x, (size, size), sigma, border_type="reflect")
+        x = pick(p.blur_p, x, blurred)
+    return pick(p.noise_p, x, x + p.noise_std * _randn(generator, dev, *x.shape))
 
 
 AUGMENTATIONS: dict[str, Part] = {

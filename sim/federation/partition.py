@@ -77,18 +77,7 @@ def partition(
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    if scheme not in SCHEMES:
-        raise ConfigError(f"{key}.scheme", scheme, f"one of {', '.join(SCHEMES)}")
-    params = dict(params or {})
-    for name, value in params.items():
-        if name not in _PARAMS[scheme]:
-            allowed = ", ".join(_PARAMS[scheme]) or "none"
-            raise ConfigError(
-                f"{key}.{name}", value, f"unset: scheme {scheme!r} reads these params: {allowed}"
-            )
-    if isinstance(num_sites, bool) or not isinstance(num_sites, numbers.Integral) or num_sites < 1:
-        raise ConfigError(f"{key}.num_sites", num_sites, "an integer >= 1")
-    num_sites = int(num_sites)
+    params, num_sites = _checked(scheme, params, num_sites, key)
 
     if scheme == "natural":
         return _natural(labels, num_sites, site_of, site_names, key)
@@ -120,9 +109,31 @@ def partition(
 
     if inverse is None:
         return [np.sort(p) for p in parts]
-    # Every image follows its patient: site of each unit -> site of each image, then group the
-    # images by site (a stable sort keeps them ascending within a site).
-    unit_site = np.empty(m, dtype=np.int64)
+    return _images_of_units(parts, inverse, m, num_sites)
+
+
+def _checked(scheme: str, params: Mapping[str, Any] | None, num_sites: Any,
+             key: str) -> tuple[dict[str, Any], int]:
+    """The scheme, its params (only those it reads) and the site count, checked."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{key}.scheme", scheme, f"one of {', '.join(SCHEMES)}")
+    params = dict(params or {})
+    for name, value in params.items():
+        if name not in _PARAMS[scheme]:
+            allowed = ", ".join(_PARAMS[scheme]) or "none"
+            raise ConfigError(
+                f"{key}.{name}", value, f"unset: scheme {scheme!r} reads these params: {allowed}"
+            )
+    if isinstance(num_sites, bool) or not isinstance(num_sites, numbers.Integral) or num_sites < 1:
+        raise ConfigError(f"{key}.num_sites", num_sites, "an integer >= 1")
+    return params, int(num_sites)
+
+
+def _images_of_units(parts: list[np.ndarray], inverse: np.ndarray, num_units: int,
+                     num_sites: int) -> list[np.ndarray]:
+    """Every image follows its patient: site of each unit -> site of each image, then the
+    images grouped by site (a stable sort keeps them ascending within a site)."""
+    unit_site = np.empty(num_units, dtype=np.int64)
     for site, p in enumerate(parts):
         unit_site[p] = site
     image_site = unit_site[inverse]
