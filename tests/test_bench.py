@@ -20,11 +20,11 @@ from snowfed.bench.benchmark import (
     _configs,
     _tree_pss_kb,
     mem_overrides,
-    plain_loop,
     plan,
     synthetic_npz,
     workloads,
 )
+from snowfed.bench.floor import plain_loop
 
 TINY = ("federation.hospitals.count=6", "aggregation.fraction_train=0.5",
         "aggregation.fraction_evaluate=0.5", "strategy.local_steps=3")
