@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from snowfed.client.trainer import node_generator, train_locally
 from snowfed.evaluation import evaluate
-from snowfed.models import build_model
+from snowfed.models import model_from_config
 from snowfed.store import FederationStore
 from snowfed.strategies import LocalStrategy, StrategySpec
 
@@ -40,8 +40,7 @@ def _load(msg: Message, context: Context):
     """The quickstart's `Net()` + `load_data(partition_id)`, on every call."""
     store = FederationStore(str(msg.content["config"]["store"]))
     model_cfg = store.manifest["model"]
-    model = build_model(model_cfg["name"], num_classes=store.manifest["num_classes"],
-                        **{k: v for k, v in model_cfg.items() if k != "name"})
+    model = model_from_config(model_cfg, store.manifest["num_classes"])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     pid = int(context.node_config["partition-id"])
     data = store.node_data(pid)

@@ -38,7 +38,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from snowfed import protocol
 from snowfed.evaluation import evaluate
-from snowfed.models import build_model
+from snowfed.models import model_from_config
 from snowfed.rundir import atomic_write_bytes
 from snowfed.store import FederationStore, NodeData
 from snowfed.strategies import LocalStrategy, StrategySpec
@@ -104,8 +104,7 @@ def _store_nodes(store_path: str, device: torch.device, store: FederationStore |
         return _STORES[store_path]
     store = store or FederationStore(store_path)
     model_cfg = store.manifest["model"]
-    model = build_model(model_cfg["name"], num_classes=store.manifest["num_classes"],
-                        **{k: v for k, v in model_cfg.items() if k != "name"}).to(device)
+    model = model_from_config(model_cfg, store.manifest["num_classes"]).to(device)
     _STORES[store_path] = _StoreNodes(store, model)
     while len(_STORES) > STORES_KEPT:
         _STORES.popitem(last=False)

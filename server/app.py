@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 
 from snowfed import protocol
 from snowfed.evaluation import evaluate
-from snowfed.models import build_model
+from snowfed.models import model_from_config
 from snowfed.rundir import (
     FINAL_MODEL,
     METRICS,
@@ -93,10 +93,9 @@ class RunRandomness:
 
 def build_global_model(model_cfg: Mapping[str, Any], num_classes: int, seed: int) -> torch.nn.Module:
     """The initial global model, seeded so every run with the same seed starts identical."""
-    kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(model_cfg["name"], num_classes=num_classes, **kwargs)
+        return model_from_config(model_cfg, num_classes)
 
 
 def save_model(folder: Path, state_dict: Mapping[str, torch.Tensor], name: str = FINAL_MODEL) -> None:

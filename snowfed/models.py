@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -277,3 +279,11 @@ def build_model(name: str, **kwargs) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
     return cls(**kwargs)
+
+
+def model_from_config(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The network a `model` config (its name and constructor parameters) describes: what the
+    server, every node and the reference runs build (the checks are the simulator's, up front:
+    sim.federation.sites.configured_model)."""
+    params = {k: v for k, v in model_cfg.items() if k != "name"}
+    return build_model(model_cfg["name"], num_classes=int(num_classes), **params)

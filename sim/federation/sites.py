@@ -20,7 +20,7 @@ from snowfed.config import (
     require_keys,
     require_number,
 )
-from snowfed.models import MODEL_TASKS, MODELS, NORMS, build_model
+from snowfed.models import MODEL_TASKS, MODELS, NORMS, model_from_config
 from snowfed.sim.noise.masks import SnowNoise
 from snowfed.strategies import StrategySpec
 from snowfed.strategies.init import LAST_RUN, checkpoint_file, last_run_checkpoint, load_checkpoint
@@ -104,7 +104,7 @@ def configured_model(cfg: Mapping[str, Any], num_classes: int | None = None):
     require(MODEL_TASKS[name] == task, "model.name", name,
             f"a {task} model ({', '.join(m for m, t in MODEL_TASKS.items() if t == task)}) with task={task}")
     _check_model_params(name, model_cfg)
-    return build_model(name, num_classes=int(num_classes or cfg["task"]["num_classes"]), **model_cfg)
+    return model_from_config(cfg["model"], num_classes or cfg["task"]["num_classes"])
 
 
 def _check_model_params(name: str, params: Mapping[str, Any]) -> None:
