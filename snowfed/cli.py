@@ -6,6 +6,7 @@
     snowfed report DIR... [FLAGS]      a table of finished runs (e.g. strategy x noise preset)
     snowfed bench [--quick]            snowfed against stock Flower and a plain PyTorch loop
     snowfed prepare DIR [OVERRIDES]    only write the federation store (a real deployment's data)
+    snowfed serve [OVERRIDES]          keep a simulation warm for the runs that follow
 
 Bad usage is one line and exit 2, as bad config is. The CLI sits on top of the stack, so its
 command handlers import `snowfed.sim` lazily: the core modules themselves never import a role
@@ -238,6 +239,43 @@ def report(
 
 
 @app.command(context_settings=_EXTRA_ARGS)
+def serve(
+    ctx: typer.Context,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop this user's warm simulation.")] = False,
+    idle: Annotated[float, typer.Option(help="Seconds without a run before it stops.")] = 1800.0,
+) -> int:
+    """Keep a simulation warm for the runs that follow.
+
+    Ray, its actors and their imports stay up; `snowfed run` with the same number of sites and
+    backend then hands its run to it, and the first round comes within seconds. OVERRIDES choose
+    the sites and the backend as for `snowfed run` (e.g. `federation=smoke`). Results equal a
+    cold run's. Listens on a Unix socket only this user can open (docs/warm.md)."""
+    from snowfed.config import plain_config
+    from snowfed.sim.run.plan import validate
+    from snowfed.sim.run.warm import WarmServer, socket_path, stop_server
+
+    if stop:
+        print("snowfed serve: stopped" if stop_server() else "snowfed serve: none was running")
+        return 0
+    try:
+        if not idle > 0:
+            raise ConfigError("--idle", idle, "a number of seconds > 0")
+        cfg = plain_config(compose(ctx.args))
+        plan = validate(cfg)
+    except BAD_INPUT as err:
+        return _bad_input(err)
+    server = WarmServer(cfg, len(plan.hospitals), idle)
+    print(f"snowfed serve: a warm simulation of {len(plan.hospitals)} sites (backend "
+          f"{cfg['backend']['name']}) at {socket_path()}; it stops after {idle:.0f} s without a "
+          "run, or on snowfed serve --stop", flush=True)
+    try:
+        server.serve(on_ready=lambda: print("snowfed serve: ready", flush=True))
+    except ConfigError as err:
+        return _bad_input(err)
+    return 0
+
+
+@app.command(context_settings=_EXTRA_ARGS)
 def prepare(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(metavar="DIR", help="A new or empty folder.",
@@ -399,10 +437,32 @@ def _job(cfg, planned: tuple | None = None) -> None:
     plan = None
     if planned is not None and _without_run_dir(planned[0]) == _without_run_dir(cfg):
         plan = planned[1]
-    summary = run(cfg, run_dir, plan=plan)
+    summary = _run_warm(cfg, run_dir)
+    if summary is None:  # no warm simulation serves it: a simulation of its own
+        summary = run(cfg, run_dir, plan=plan)
     _print_outcome(summary, run_dir)
     if summary["status"] != "completed":
         sys.exit(EXIT_FAILED)
+
+
+def _run_warm(cfg: dict, run_dir: Path) -> dict | None:
+    """The run in this user's warm simulation (`snowfed serve`), with its progress lines; None
+    when none serves it."""
+    from snowfed.progress import RoundProgress
+    from snowfed.sim.run.warm import submit
+
+    progress: list[RoundProgress] = []
+
+    def on_round(rnd: int, global_metrics: dict, node_f1: dict) -> None:
+        if not progress:
+            progress.append(RoundProgress(cfg["rounds"]))
+        progress[0].update(rnd, global_metrics, node_f1)
+
+    try:
+        return submit(cfg, run_dir, on_round, say=lambda line: print(line, file=sys.stderr))
+    finally:
+        if progress:
+            progress[0].close()
 
 
 def _without_run_dir(cfg: dict) -> dict:

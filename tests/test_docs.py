@@ -91,6 +91,9 @@ def test_documented_command_holds(page, command, tmp_path, monkeypatch, capsys):
         validate_overrides(args[1:])
     elif sub in ("report", "bench"):
         assert main([sub, *args, "--help"]) == 0, capsys.readouterr().err
+    elif sub == "serve" and "--stop" not in args:  # it would serve until stopped: its flags and config
+        assert main([sub, *args, "--help"]) == 0, capsys.readouterr().err
+        validate_overrides([a for a in args if "=" in a and not a.startswith("-")])
     else:
         assert main(words[1:]) == 0
 
