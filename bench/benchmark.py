@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ from typing import Any
 import numpy as np
 
 WORKLOADS = ("W1", "W2", "S", "MEM")
-VARIANTS = ("a", "b", "c")
+VARIANTS = ("a", "b", "c", "w")
+COLD = ("a", "b", "c")  # w: snowfed handing each run to a warm simulation (W2 and S only)
 
 
 def synthetic_npz(path: Path, num_images: int, size: int = 28, seed: int = 0) -> Path:
@@ -147,6 +150,15 @@ def child(variant: str, jobs: list[tuple[str, ...]], sweep: bool, out: Path) -> 
         for cfg, run_dir in configs:
             plan = validate(cfg)  # as `snowfed run` does before it starts anything
             run(cfg, run_dir, quiet=True, on_round=tick, plan=plan)
+            run_ends.append(time.monotonic())
+    elif variant == "w":
+        from snowfed.sim.run.plan import validate
+        from snowfed.sim.run.warm import submit
+
+        for cfg, run_dir in configs:
+            validate(cfg)  # as `snowfed run` does before it hands the run over
+            summary = submit(cfg, run_dir, tick, say=lambda line: print(line, file=sys.stderr))
+            assert summary is not None and summary["status"] == "completed", summary
             run_ends.append(time.monotonic())
     else:
         if variant == "b":  # c imports nothing of the stock Flower app
@@ -297,9 +309,9 @@ def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
     shared = quick and {"W2", "S"} <= set(only)
     spawns: list[Spawn] = []
     if "W1" in only:
-        spawns += [Spawn(v, loads["W1"].jobs(), [("W1", v, None)]) for v in ("ac" if quick else VARIANTS)]
+        spawns += [Spawn(v, loads["W1"].jobs(), [("W1", v, None)]) for v in ("ac" if quick else COLD)]
     if "W2" in only:
-        for variant in ("a",) if shared else VARIANTS:
+        for variant in ("a", "w") if shared else VARIANTS:
             jobs, rows = loads["W2"].jobs(), [("W2", variant, None)]
             if quick and variant == "a" and "MEM" in only:
                 jobs = jobs + mem_jobs
@@ -308,7 +320,7 @@ def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
     if "S" in only:
         for variant in VARIANTS:
             rows = [("S", variant, None)]
-            if shared and variant != "a":
+            if shared and variant in "bc":
                 rows.append(("W2", f"{variant} (S#0)", 0))
             spawns.append(Spawn(variant, loads["S"].jobs(), rows, sweep=variant == "a"))
     if "MEM" in only and not (quick and "W2" in only):
@@ -319,6 +331,35 @@ def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
     return spawns
 
 
+@contextmanager
+def warm_server(job: tuple[str, ...], out: Path) -> Iterator[None]:
+    """A `snowfed serve` of the job's sites and backend for variant w, ready before the variant's
+    process starts (its start is what a warm simulation spares the runs), stopped after; its
+    socket under `out`, apart from the user's own."""
+    from snowfed.sim.run.warm import stop_server
+
+    out.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(out)  # the variant's process inherits it
+    server = subprocess.Popen([sys.executable, "-c", "from snowfed.cli import console; console()",
+                               "serve", *job, "--idle", "3600"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in server.stdout:
+            if "snowfed serve: ready" in line:
+                break
+        else:
+            raise RuntimeError(f"snowfed serve did not start (exit {server.wait()})")
+        yield
+    finally:
+        stop_server()
+        server.wait(timeout=120)
+        if before is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = before
+
+
 def _bench(root: Path, only: list[str], quick: bool) -> int:
     """Measure the workloads in `only` (see `plan`), a row per workload and variant as each
     process ends, then the ratios."""
@@ -327,8 +368,12 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
     print(f"{'workload':8} {'variant':8} {'wall s':>8} {'first round s':>14} {'per round s':>12} "
           f"{'peak MB':>8}", flush=True)
     for i, spawn in enumerate(plan(quick, only, data)):
-        process = measure(spawn.variant, spawn.jobs, root / f"{i}-{spawn.rows[0][0]}-{spawn.variant}",
-                          spawn.sweep)
+        where = root / f"{i}-{spawn.rows[0][0]}-{spawn.variant}"
+        if spawn.variant == "w":
+            with warm_server(spawn.jobs[0], where):
+                process = measure(spawn.variant, spawn.jobs, where)
+        else:
+            process = measure(spawn.variant, spawn.jobs, where, spawn.sweep)
         for name, variant, run in spawn.rows:
             m = process.figures(run)
             got.setdefault(name, {})[variant] = m
@@ -340,6 +385,10 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
         ratios.append(f"{name} a/c={figures['a'].wall_s / figures['c'].wall_s:.2f}")
         if name != "W1":
             ratios.append(f"{name} a/b={figures['a'].wall_s / figures['b'].wall_s:.2f}")
+            warm, cold, floor = figures["w"], figures["a"], figures["c"]
+            ratios.append(f"{name} warm first_round_s={warm.first_round_s:.1f} {name} warm "
+                          f"a/c={warm.wall_s / floor.wall_s:.2f} {name} cold first_round "
+                          f"a/c={cold.first_round_s / floor.first_round_s:.2f}")
     if "MEM" in only:
         ratios.append(f"mem1000/mem10={got['MEM']['a 1000'].peak_mb / got['MEM']['a 10'].peak_mb:.2f}")
     print(" ".join(ratios), flush=True)
