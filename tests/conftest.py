@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from snowfed.config import compose, plain_config
+
+# A warm simulation the user keeps (`snowfed serve`) would take the suite's runs: every test,
+# and every command a test starts, looks for one in a folder of the suite's own instead.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="snowfed-tests-")
 
 
 @pytest.fixture

@@ -72,7 +72,7 @@ def test_a_warm_run_equals_a_cold_run_and_ctrl_c_stops_it_not_the_server(tmp_pat
         other = plain_config(compose([*run[1:], "backend.client_resources.num_cpus=2"]))
         sock = Path(env["XDG_RUNTIME_DIR"]) / f"snowfed-{os.getuid()}" / "warm.sock"
         assert submit(other, tmp_path / "other", lambda *a: None, said.append, path=sock) is None
-        assert "backend.client_resources.num_cpus 1 (this run: 2)" in said[0] and "cold" in said[0]
+        assert "backend.client_resources.num_cpus 1.0 (this run: 2.0)" in said[0] and "cold" in said[0]
 
         # Ctrl-C in the submitting command: that run ends interrupted, the server goes on
         long = subprocess.Popen([*SNOWFED, "run", "federation=smoke", "rounds=40", "seed=1",

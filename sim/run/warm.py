@@ -134,6 +134,7 @@ class WarmServer:
         run_stop = threading.Event()
         with self.lock:
             self.runs.add(run_stop)
+        _send(stream, {"event": "accepted", "pid": os.getpid()})
         # a line from the command (its Ctrl-C), or its end (killed), stops this run alone
         threading.Thread(target=lambda: (stream.readline(), run_stop.set()), daemon=True).start()
 
@@ -219,7 +220,10 @@ def submit(cfg: Mapping[str, Any], run_dir: Path, on_round: Callable[[int, dict,
                 raise RuntimeError("the warm simulation ended during the run (its run directory "
                                    f"{run_dir} holds every completed round: snowfed run resume=DIR)")
             event = json.loads(line)
-            if event["event"] == "round":
+            if event["event"] == "accepted":
+                say(f"snowfed: running in the warm simulation (snowfed serve, pid {event['pid']}); "
+                    "Ctrl-C stops this run only")
+            elif event["event"] == "round":
                 on_round(event["round"], event["global"], event["node_f1"])
             elif event["event"] == "refused":
                 say(f"snowfed: the warm simulation does not take this run ({event['why']}); "
