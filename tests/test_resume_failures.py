@@ -191,26 +191,34 @@ def test_a_site_past_the_round_timeout_is_left_out_and_recorded(tmp_path):
 END_TO_END = ("fedprox", "fedadam", "bulyan", "quality", "pooled", "local")
 
 
-@pytest.mark.parametrize("name", END_TO_END)
-def test_aggregations_with_their_own_path_run_the_smoke_federation(name, tmp_path):
-    cfg = _smoke(f"aggregation={name}", "rounds=2")
-    if name == "bulyan":  # needs 3 sites per round: a third hospital
-        third = {**cfg["federation"]["hospitals"][0], "name": "gamma"}
-        cfg["federation"]["hospitals"].append(third)
-    summary = run(cfg, tmp_path / name)
+def test_aggregations_with_their_own_path_run_the_smoke_federation(tmp_path):
+    """As one sweep: fedprox, fedadam and quality share a simulation, bulyan (3 sites) has its
+    own, pooled and local run in this process."""
+    from snowfed.sim.run.sweep import Job, run_sweep
 
-    assert summary["status"] == "completed" and summary["rounds"] == 2, summary.get("reason")
-    assert [h["round"] for h in summary["history"]] == [0, 1, 2]
-    if name == "local":
-        assert sorted(p.name for p in (tmp_path / name / "models_final").iterdir()) == [
-            "alpha.pt", "beta.pt"]
-    else:
-        assert (tmp_path / name / "model_final.pt").exists()
-    if name == "quality":
-        assert set(summary["quality"]["sites"]) == {"alpha", "beta"}
-    if name not in ("pooled", "local"):  # the global model moved
-        first, last = (np.array(list(h.values())) for h in (summary["history"][0], summary["history"][2]))
-        assert not np.array_equal(first, last)
+    jobs = []
+    for name in END_TO_END:
+        cfg = _smoke(f"aggregation={name}", "rounds=2")
+        if name == "bulyan":  # needs 3 sites per round: a third hospital
+            third = {**cfg["federation"]["hospitals"][0], "name": "gamma"}
+            cfg["federation"]["hospitals"].append(third)
+        jobs.append(Job(cfg, tmp_path / name))
+    with open(os.devnull, "w") as quiet:
+        outcomes = run_sweep(jobs, stream=quiet)
+    for name, outcome in zip(END_TO_END, outcomes):
+        summary = outcome.summary
+        assert outcome.status == "completed" and summary["rounds"] == 2, (name, outcome.error)
+        assert [h["round"] for h in summary["history"]] == [0, 1, 2]
+        if name == "local":
+            assert sorted(p.name for p in (tmp_path / name / "models_final").iterdir()) == [
+                "alpha.pt", "beta.pt"]
+        else:
+            assert (tmp_path / name / "model_final.pt").exists()
+        if name == "quality":
+            assert set(summary["quality"]["sites"]) == {"alpha", "beta"}
+        if name not in ("pooled", "local"):  # the global model moved
+            first, last = (np.array(list(h.values())) for h in (summary["history"][0], summary["history"][2]))
+            assert not np.array_equal(first, last), name
 
 
 def test_end_to_end_list_names_real_aggregations():
