@@ -152,11 +152,10 @@ def child(variant: str, jobs: list[tuple[str, ...]], sweep: bool, out: Path) -> 
             run(cfg, run_dir, quiet=True, on_round=tick, plan=plan)
             run_ends.append(time.monotonic())
     elif variant == "w":
-        from snowfed.sim.run.plan import validate
-        from snowfed.sim.run.warm import submit
+        from snowfed.sim.run.warm import check, submit
 
         for cfg, run_dir in configs:
-            validate(cfg)  # as `snowfed run` does before it hands the run over
+            assert check(cfg) == {"event": "ok"}  # as `snowfed run` has the server check it
             summary = submit(cfg, run_dir, tick, say=lambda line: print(line, file=sys.stderr))
             assert summary is not None and summary["status"] == "completed", summary
             run_ends.append(time.monotonic())

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from snowfed.config import REFERENCE_AGGREGATIONS as REFERENCES
 from snowfed.config import ConfigError, require, require_int, require_number
 
 from .quality import QualityAwareFedAvg
@@ -46,7 +47,6 @@ FEDERATED: dict[str, type[Strategy]] = {
     "bulyan": Bulyan,
     "quality": QualityAwareFedAvg,
 }
-REFERENCES = ("pooled", "local")
 AGGREGATIONS = (*FEDERATED, *REFERENCES)
 
 # Keys every aggregation config has; the rest are the chosen strategy's own parameters.

@@ -153,17 +153,38 @@ def run(
     given = [a for a in args if "=" in a and not a.startswith("-")]  # not flag values
     if any(o.startswith("resume=") for o in given) and not multirun and not introspection:
         return resume_command(given)
-    planned = None  # (config, plan) of a single run, checked here and handed to its Hydra job
+    planned = None  # (config, plan, warm) of a single run, checked here, handed to its Hydra job
     if not introspection:
         try:
             check_group_overrides(given)
             if not multirun:
-                planned = validate_overrides(given)
+                planned = planned_run(given)
             else:  # the keys a sweep names must exist: its first job's composition says so
                 compose(_first_choices(given))
         except BAD_INPUT as err:
             return _bad_input(err)
     return _hydra(args, multirun, parallel if parallel == "auto" else int(parallel), planned)
+
+
+def planned_run(overrides: list[str]) -> tuple[dict, Any, bool]:
+    """(config, plan, warm) of a single run, checked once before Hydra makes its directory: by
+    this user's warm simulation when one takes the run (the plan is then the server's, and this
+    command imports no torch), else here."""
+    from snowfed.config import plain_config
+    from snowfed.launch import CheckedByTheServer
+    from snowfed.sim.run.warm import check
+
+    cfg = plain_config(compose(overrides))
+    answer = check(cfg)
+    if answer is None or answer["event"] == "refused":
+        if answer is not None:
+            print(f"snowfed: the warm simulation does not take this run ({answer['why']}); "
+                  "running it cold", file=sys.stderr)
+        return (*validate_overrides(overrides), False)
+    if answer["event"] == "bad":
+        raise CheckedByTheServer(answer["why"])
+    require_creatable_dir(cfg["run_dir"], "run_dir")  # Hydra makes it before the run starts
+    return cfg, None, True
 
 
 def validate_overrides(overrides: list[str]) -> tuple[dict, Any]:

@@ -222,6 +222,10 @@ def require_number(
     return float(value)
 
 
+# The aggregations that are not federated: one process trains them (sim.run.reference)
+REFERENCE_AGGREGATIONS = ("pooled", "local")
+
+
 def plain_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config as plain Python values, without Hydra's own node."""
     if isinstance(cfg, DictConfig):

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 from snowfed.config import ConfigError
-from snowfed.data.loaders import DataError
+from snowfed.data.common import DataError
 from snowfed.sim.run.processes import end_children
 
 EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
-BAD_INPUT = (ConfigError, DataError)  # a config key or a data file that cannot work
+class CheckedByTheServer(ValueError):
+    """A config error the warm simulation found (sim.run.warm.check), as its one line."""
+
+
+BAD_INPUT = (ConfigError, DataError, CheckedByTheServer)  # a config key or a data file that cannot work
 EXIT_INTERRUPTED = 130
 
 
@@ -125,25 +129,28 @@ def _job(cfg, planned: tuple | None = None) -> None:
     """One Hydra job: the run directory is Hydra's output directory (`run_dir`). A multirun's
     jobs are only collected here; `snowfed.sim.run.sweep` then runs them in one simulation (and
     skips or resumes what an earlier start of the same sweep left). `planned`: the (config,
-    plan) `run` checked, used when Hydra composed the same config (its run_dir aside: `now`)."""
+    plan, warm) the command checked (cli.planned_run), used when Hydra composed the same
+    config (its run_dir aside: `now`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from snowfed.config import plain_config
-    from snowfed.sim.run.runner import run
-    from snowfed.sim.run.sweep import Job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
+        from snowfed.sim.run.sweep import Job
+
         _SWEEP_JOBS.append(Job(plain_config(cfg), run_dir))
         return
     cfg = plain_config(cfg)
-    plan = None
+    plan, warm = None, True
     if planned is not None and _without_run_dir(planned[0]) == _without_run_dir(cfg):
-        plan = planned[1]
-    summary = _run_warm(cfg, run_dir)
+        _, plan, warm = planned
+    summary = _run_warm(cfg, run_dir) if warm else None
     if summary is None:  # no warm simulation serves it: a simulation of its own
+        from snowfed.sim.run.runner import run
+
         summary = run(cfg, run_dir, plan=plan)
     _print_outcome(summary, run_dir)
     if summary["status"] != "completed":

@@ -61,11 +61,19 @@ def test_a_warm_run_equals_a_cold_run_and_ctrl_c_stops_it_not_the_server(tmp_pat
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(server, "snowfed serve: ready")
-        warm = subprocess.run([*SNOWFED, *run, f"run_dir={tmp_path / 'warm'}"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        # the command itself: checked by the server, run there, and torch never imported here
+        command = ("import sys; from snowfed.cli import main; code = main(sys.argv[1:]); "
+                   "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+        warm = subprocess.run([sys.executable, "-c", command, *run, f"run_dir={tmp_path / 'warm'}"],
+                              env=env, capture_output=True, text=True, timeout=300)
         assert warm.returncode == 0, warm.stderr[-2000:]
+        assert "no torch" in warm.stdout and "running in the warm simulation" in warm.stderr
         for scope in ("global", "node"):  # bit for bit, whether it ran warm or not
             assert _records(tmp_path / "warm", scope) == _records(tmp_path / "cold", scope)
+
+        bad = subprocess.run([*SNOWFED, *run, "strategy.lr=-1", f"run_dir={tmp_path / 'bad'}"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "strategy.lr" in bad.stderr and not (tmp_path / "bad").exists()
 
         # other Ray resources per site: refused by name, and the command would run it cold
         said = []

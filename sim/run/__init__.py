@@ -2,8 +2,3 @@
 and Ray (`engine`, `processes`), one run and its resume (`runner`), many runs in one
 simulation (`sweep`), the non-federated reference runs (`reference`) and the ServerApp of
 `flwr run .` (`flwr_app`)."""
-
-from snowfed.sim.run.plan import prepare, validate
-from snowfed.sim.run.runner import resume, run
-
-__all__ = ["prepare", "resume", "run", "validate"]

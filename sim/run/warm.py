@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from snowfed.config import REFERENCE_AGGREGATIONS as REFERENCES
 from snowfed.config import ConfigError
-from snowfed.server.aggregation import REFERENCES
-from snowfed.sim.run.engine import run_engine
-from snowfed.sim.run.plan import backend_config, validate
-from snowfed.sim.run.runner import run
 
+# The command's side (`check`, `submit`, `stop_server`) imports nothing heavy: a warm run's
+# command never imports torch or Flower, which are most of a cold start; the server's side
+# imports them where it starts.
 IDLE_S = 1800.0  # a server with no run for this long stops (`snowfed serve --idle`)
 
 
@@ -40,6 +40,8 @@ def socket_path() -> Path:
 def resources(cfg: Mapping[str, Any], num_sites: int) -> dict[str, Any]:
     """What a run must share with a warm simulation: its sites (Flower's SuperNodes are fixed
     when a simulation starts) and the Ray resources and init arguments of its backend."""
+    from snowfed.sim.run.plan import backend_config
+
     return {"sites": num_sites, "backend": backend_config(cfg["backend"])}
 
 
@@ -71,6 +73,8 @@ class WarmServer:
     def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Listen, start the simulation and serve until stopped; the socket is gone after."""
         from flwr.serverapp import ServerApp
+
+        from snowfed.sim.run.engine import run_engine
 
         listener = _listen(self.path)
         server_app = ServerApp()
@@ -112,24 +116,37 @@ class WarmServer:
                 if message.get("op") == "shutdown":
                     self.stop.set()
                     _send(stream, {"event": "stopping"})
+                elif message.get("op") == "check":
+                    _send(stream, self._check(message["cfg"])[0])
                 elif message.get("op") == "run":
                     self._run(message, stream, grid)
         except (OSError, ValueError):  # the command left (or sent no JSON): nothing to answer
             pass
 
+    def _check(self, cfg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """(the answer to the command, the run's plan): `ok`, `bad` (the config error's one
+        line: the command exits 2) or `refused` (other sites or resources: it runs cold)."""
+        from snowfed.data.common import DataError
+        from snowfed.sim.run.plan import validate
+
+        try:
+            plan = validate(cfg)
+        except (ConfigError, DataError) as err:
+            return {"event": "bad", "why": str(err)}, None
+        differ = _differences(self.resources, resources(cfg, len(plan.hospitals)))
+        if differ:
+            return {"event": "refused", "why": f"it serves {'; '.join(differ)}"}, None
+        return {"event": "ok"}, plan
+
     def _run(self, message: Mapping[str, Any], stream: TextIO, grid) -> None:
         from snowfed.server.app import run_federation
         from snowfed.server.transport import RunInterrupted
+        from snowfed.sim.run.runner import run
 
         cfg, run_dir = dict(message["cfg"]), Path(message["run_dir"])
-        try:
-            plan = validate(cfg)
-        except ConfigError as err:
-            _send(stream, {"event": "refused", "why": str(err)})
-            return
-        differ = _differences(self.resources, resources(cfg, len(plan.hospitals)))
-        if differ:
-            _send(stream, {"event": "refused", "why": f"it serves {'; '.join(differ)}"})
+        answer, plan = self._check(cfg)
+        if plan is None:
+            _send(stream, answer)
             return
         run_stop = threading.Event()
         with self.lock:
@@ -225,7 +242,7 @@ def submit(cfg: Mapping[str, Any], run_dir: Path, on_round: Callable[[int, dict,
                     "Ctrl-C stops this run only")
             elif event["event"] == "round":
                 on_round(event["round"], event["global"], event["node_f1"])
-            elif event["event"] == "refused":
+            elif event["event"] in ("refused", "bad"):
                 say(f"snowfed: the warm simulation does not take this run ({event['why']}); "
                     "running it cold")
                 return None
@@ -233,6 +250,21 @@ def submit(cfg: Mapping[str, Any], run_dir: Path, on_round: Callable[[int, dict,
                 raise RuntimeError(event["error"])
             else:
                 return event["summary"]
+
+
+def check(cfg: Mapping[str, Any], path: Path | None = None) -> dict[str, Any] | None:
+    """The warm simulation's check of `cfg` (its answer: `ok`, `bad` with the config error's
+    line, or `refused` with what differs), done where torch and the data are loaded already;
+    None when no server is listening or the run is not one it would take."""
+    if cfg["aggregation"]["name"] in REFERENCES:
+        return None
+    conn = _connect(path or socket_path())
+    if conn is None:
+        return None
+    with conn, conn.makefile("rw", encoding="utf-8") as stream:
+        _send(stream, {"op": "check", "cfg": dict(cfg)})
+        line = stream.readline()
+    return json.loads(line) if line else None
 
 
 def stop_server(path: Path | None = None) -> bool:
