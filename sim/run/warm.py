@@ -81,6 +81,7 @@ class WarmServer:
 
         @server_app.main()
         def main(grid, context) -> None:
+            self._warm_up(grid)
             if on_ready is not None:
                 on_ready()
             self._accept(listener, grid)
@@ -90,6 +91,22 @@ class WarmServer:
         finally:
             listener.close()
             self.path.unlink(missing_ok=True)
+
+    def _warm_up(self, grid) -> None:
+        """One round of the served config, thrown away: the actors' first-message work (a
+        store's nodes, torch's imports at the first optimiser step) is then done before the
+        first run comes, not during it (docs/benchmarks.md, "A warm simulation"). A run's
+        results do not depend on it (tests/test_warm.py)."""
+        from snowfed.server.app import run_federation
+        from snowfed.sim.run.runner import run
+
+        def federate(cfg, plan, store, run_dir, on_round):
+            return run_federation(grid, cfg, store, run_dir, on_round, stop=self.stop)
+
+        with tempfile.TemporaryDirectory(prefix="snowfed-warm-up-") as tmp:
+            cfg = {**self.cfg, "rounds": 1, "personalize_steps": 0, "logger": {"name": "none"},
+                   "run_dir": str(Path(tmp) / "run")}
+            run(cfg, Path(tmp) / "run", federate=federate, quiet=True)
 
     def _accept(self, listener: socket.socket, grid) -> None:
         listener.settimeout(0.2)
