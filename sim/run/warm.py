@@ -226,14 +226,19 @@ def _send(stream: TextIO, message: Mapping[str, Any]) -> None:
         pass
 
 
+def _server_for(cfg: Mapping[str, Any], path: Path | None) -> socket.socket | None:
+    """A connection to this user's warm simulation for a federated run; None without one."""
+    if cfg["aggregation"]["name"] in REFERENCES:  # not federated: it runs in the command
+        return None
+    return _connect(path or socket_path())
+
+
 def submit(cfg: Mapping[str, Any], run_dir: Path, on_round: Callable[[int, dict, dict], None],
            say: Callable[[str], None], path: Path | None = None) -> dict[str, Any] | None:
     """Run `cfg` in this user's warm simulation; its summary, or None when none serves it (no
     server, a crashed one, a reference aggregation, or other sites or resources: `say` tells
     why), and the caller runs it cold. Ctrl-C stops the run, not the server."""
-    if cfg["aggregation"]["name"] in REFERENCES:
-        return None
-    conn = _connect(path or socket_path())
+    conn = _server_for(cfg, path)
     if conn is None:
         return None
     with conn, conn.makefile("rw", encoding="utf-8") as stream:
@@ -273,9 +278,7 @@ def check(cfg: Mapping[str, Any], path: Path | None = None) -> dict[str, Any] | 
     """The warm simulation's check of `cfg` (its answer: `ok`, `bad` with the config error's
     line, or `refused` with what differs), done where torch and the data are loaded already;
     None when no server is listening or the run is not one it would take."""
-    if cfg["aggregation"]["name"] in REFERENCES:
-        return None
-    conn = _connect(path or socket_path())
+    conn = _server_for(cfg, path)
     if conn is None:
         return None
     with conn, conn.makefile("rw", encoding="utf-8") as stream:
