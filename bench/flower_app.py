@@ -1,5 +1,5 @@
 """Variant b of `snowfed bench`: the same federation written as Flower's PyTorch quickstart
-writes an app (flwr 1.41 Message API), on Flower's simulation engine.
+writes an app (flwr 1.41-1.42 Message API), on Flower's simulation engine.
 
 As in the quickstart, every client call builds the network (`Net()`) and loads its data
 (`load_data(partition_id, num_partitions)`); the server runs FedAvg's `start` with a central

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -201,6 +202,15 @@ def _generator(config, node: _Node, salt: int = 0) -> torch.Generator:
                           node.partition_id, salt)
 
 
+def _where() -> dict[str, ConfigRecord]:
+    """The reply's `where` record: the Ray node this actor runs on, so a run on a cluster shows
+    where each site's work went (in simulation only: a SuperNode runs without Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {protocol.WHERE: ConfigRecord({protocol.RAY_NODE: ray.get_runtime_context().get_node_id()})}
+
+
 @app.query(protocol.IDENTIFY)
 def identify(msg: Message, context: Context) -> Message:
     """The server asks each node once which partition (hospital) it is."""
@@ -259,7 +269,7 @@ def train(msg: Message, context: Context) -> Message:
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                  for k, v in state.items()}
     arrays = ArrayRecord(state)
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, **_where()}), reply_to=msg)
 
 
 @app.evaluate()
@@ -270,7 +280,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     record = MetricRecord(
         {"num-examples": len(node.data.val_images), protocol.PARTITION_ID: node.partition_id, **metrics}
     )
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({"metrics": record, **_where()}), reply_to=msg)
 
 
 @app.evaluate(protocol.PERSONALIZE)
@@ -288,4 +298,4 @@ def personalize(msg: Message, context: Context) -> Message:
     record = MetricRecord(
         {"num-examples": len(node.data.val_images), protocol.PARTITION_ID: node.partition_id, **scores}
     )
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({"metrics": record, **_where()}), reply_to=msg)

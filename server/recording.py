@@ -91,6 +91,8 @@ class RoundRecorder:
                     f"{self.names_by_node_id[src]!r} (server.app.identify_nodes)")
             if phase == "evaluate" and "f1" in metrics:
                 self._node_f1[name] = float(metrics["f1"])
+            if protocol.WHERE in msg.content.config_records:
+                metrics.update(msg.content.config_records[protocol.WHERE])
             if src in refused:
                 metrics.update(error=refused[src], refused=True)
             records.append({"round": rnd, "scope": "node", "node": name, "phase": phase, **metrics})

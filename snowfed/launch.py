@@ -151,7 +151,10 @@ def _job(cfg, planned: tuple | None = None) -> None:
     if summary is None:  # no warm simulation serves it: a simulation of its own
         from snowfed.sim.run.runner import run
 
-        summary = run(cfg, run_dir, plan=plan)
+        try:
+            summary = run(cfg, run_dir, plan=plan)
+        except BAD_INPUT as err:  # found once Ray is up: a cluster's nodes (sim.run.cluster)
+            sys.exit(_bad_input(err))
     _print_outcome(summary, run_dir)
     if summary["status"] != "completed":
         sys.exit(EXIT_FAILED)

@@ -23,3 +23,8 @@ PERSONALIZE_STEPS = "personalize-steps"
 # a node's partition: its node config (Flower's simulation, a SuperNode's --node-config) and,
 # under the same key, every reply's metrics
 PARTITION_ID = "partition-id"
+
+# where a reply was computed, in a ConfigRecord beside its metrics: the Ray node of the actor that
+# ran it (simulation; a SuperNode's replies have none), recorded as the node record's `ray-node`
+WHERE = "where"
+RAY_NODE = "ray-node"

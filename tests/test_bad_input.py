@@ -44,7 +44,12 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["strategy=nope"], "strategy='nope'", "one of augment, baseline"),
         (["model=nope"], "model='nope'", "one of resnet, shortres, smallcnn"),
         (["privacy=nope"], "privacy='nope'", "one of central_dp_adaptive"),
-        (["backend=nope"], "backend='nope'", "one of cpu, gpu"),
+        (["backend=nope"], "backend='nope'", "one of cluster, cpu, gpu"),
+        (["backend=cluster", "backend.address=head-node"], "backend.address='head-node'",
+         "host:port (the head node's GCS)"),
+        (["backend=cluster", "backend.address=head:99999"], "backend.address='head:99999'", "auto"),
+        (["backend=cluster", "backend.address=http://head:6379"], "backend.address='http://head:6379'",
+         "ray://host:port"),
         (["task=detection"], "task='detection'", "one of classification, segmentation"),
         (["logger=nope"], "logger='nope'", "one of mlflow, none, tensorboard"),
         # the local strategy and its parts

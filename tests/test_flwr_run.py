@@ -38,7 +38,7 @@ def flwr_env(tmp_path):
     before = _superlinks()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           # snowfed is installed already; Flower 1.41 would otherwise `uv sync` a fresh
+           # snowfed is installed already; Flower 1.41-1.42 would otherwise `uv sync` a fresh
            # environment per run (downloading torch) before starting the ServerApp.
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     yield env

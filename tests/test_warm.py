@@ -21,7 +21,7 @@ SNOWFED = [sys.executable, "-c", "from snowfed.cli import console; console()"]
 
 
 def _records(run_dir: Path, scope: str) -> list[str]:
-    drop = ("time", "duration_s", "wall_s")
+    drop = ("time", "duration_s", "wall_s", "ray-node")  # a Ray session's own node id
     return sorted(json.dumps({k: v for k, v in json.loads(line).items() if k not in drop}, sort_keys=True)
                   for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                   if json.loads(line)["scope"] == scope)

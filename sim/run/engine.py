@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snowfed.config import ConfigError
-from snowfed.sim.run.plan import backend_config
+from snowfed.sim.run.plan import backend_config, cluster_address
 from snowfed.sim.run.processes import end_children, ray_environment
 
 
@@ -74,16 +74,29 @@ def quiet_terminal(verbose: bool) -> None:
 
 
 PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
+
+
 def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """`ray.init`'s arguments for a run: the backend's `init_args`, and the ClientApp's imports
-    preloaded in every worker (Ray's `preload_python_modules`; a runtime_env setup hook would
-    stop Ray from starting workers before the actors ask for them). The actors' own output
-    (Flower's "Manually terminating ClientAppActor" at every shutdown) reaches the terminal with
-    `verbose=true` only: a site's failure comes back to the server as an error reply, recorded
-    in its metrics and summarised."""
-    return {"include_dashboard": False, "log_to_driver": bool(cfg.get("verbose", False)),
-            "logging_level": logging.INFO if cfg.get("verbose") else logging.WARNING,
-            **backend_config(cfg["backend"])["init_args"],
+    """`ray.init`'s arguments for a run: the backend's `init_args`, and
+
+    - on one machine, a private Ray (`address="local"`: never a cluster that `ray start` or
+      RAY_ADDRESS left on this machine) whose workers preload the ClientApp's imports (Ray's
+      `preload_python_modules`; a runtime_env setup hook would stop Ray from starting workers
+      before the actors ask for them);
+    - with backend=cluster, the cluster's address: its own system config stays as its head node
+      set it (Ray refuses another), so its workers import the ClientApp at their first message.
+
+    The actors' own output (Flower's "Manually terminating ClientAppActor" at every shutdown)
+    reaches the terminal with `verbose=true` only: a site's failure comes back to the server as
+    an error reply, recorded in its metrics and summarised."""
+    backend = cfg["backend"]
+    logs = {"log_to_driver": bool(cfg.get("verbose", False)),
+            "logging_level": logging.INFO if cfg.get("verbose") else logging.WARNING}
+    address = cluster_address(backend)
+    if address is not None:
+        return {**logs, **backend_config(backend)["init_args"], "address": address}
+    return {"address": "local", "include_dashboard": False, **logs,
+            **backend_config(backend)["init_args"],
             "_system_config": {"preload_python_modules": [PRELOAD]}}
 
 
@@ -99,7 +112,7 @@ class RayStart:
     def __init__(self, cfg: Mapping[str, Any]):
         self.init_args = ray_init_args(cfg)
         quiet_terminal(bool(cfg.get("verbose", False)))
-        ray_environment()
+        ray_environment(cluster_address(cfg["backend"]))
         self._ready = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
@@ -195,8 +208,10 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     the runtime_env Flower adds (a PYTHONPATH for apps it installs itself; snowfed is installed
     in this interpreter): the worker processes Ray starts at init, which have imported the
     ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
-    up and shuts Ray down when the simulation ends. `stop`: set by Ctrl-C (`ctrl_c_sets`)."""
-    ray_environment()
+    up and shuts Ray down when the simulation ends (attached to a cluster, backend=cluster: it
+    disconnects, and the cluster stays). `stop`: set by Ctrl-C (`ctrl_c_sets`)."""
+    address = cluster_address(cfg["backend"])
+    ray_environment(address)
     import ray
     import torch
     from flwr.simulation import run_simulation
@@ -212,6 +227,10 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
             ray.shutdown()
     if not ray.is_initialized():
         ray.init(**args)
+    if address is not None:
+        from snowfed.sim.run.cluster import actors_on_cluster
+
+        actors_on_cluster(cfg["backend"])  # a node has room for a site, or ConfigError
     # The actors have the CPUs (one thread each): the server's evaluation, which runs while they
     # train, takes one thread too, rather than OpenMP threads spinning against the actors.
     threads = torch.get_num_threads()
@@ -231,6 +250,7 @@ def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round,
 
     from snowfed.server.app import run_federation
     from snowfed.server.transport import RunInterrupted
+    from snowfed.sim.run.cluster import require_store_on_every_node
 
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
@@ -239,6 +259,7 @@ def simulate(cfg: dict[str, Any], plan, store, run_dir: Path, on_round,
     @server_app.main()
     def main(grid, context) -> None:
         try:
+            require_store_on_every_node(cfg, store)
             outcome["result"] = run_federation(grid, cfg, store, run_dir, on_round, stop=stop)
         except (Exception, RunInterrupted) as exc:  # Flower only logs a ServerApp's exception
             outcome["error"] = exc

@@ -49,5 +49,5 @@ def main(grid: Grid, context: Context) -> None:
 
 def simulation_config_command(num_sites: int) -> str:
     """The `flwr federation` subcommand that gives Flower's local simulation `num_sites`
-    SuperNodes (Flower 1.41 keeps it in $FLWR_HOME/config.toml, not in pyproject)."""
+    SuperNodes (Flower 1.41-1.42 keeps it in $FLWR_HOME/config.toml, not in pyproject)."""
     return f"simulation-config @none/default local --num-supernodes {num_sites}"

@@ -19,17 +19,39 @@ from snowfed.tracking import validate_logger
 STORE_DIR = "federation"
 
 
+BACKEND_KEYS = ("name", "address", "client_resources", "init_args")
+ADDRESS_FORMS = ("auto (RAY_ADDRESS, else the cluster `ray start` started on this machine), "
+                 "host:port (the head node's GCS) or ray://host:port (Ray Client)")
+
+
+def cluster_address(backend: Mapping[str, Any]) -> str | None:
+    """The running Ray cluster a backend attaches to (backend=cluster, docs/cluster.md); None:
+    snowfed starts a private Ray on this machine for the run."""
+    address = backend.get("address")
+    if address is None:
+        return None
+    host_port = str(address).removeprefix("ray://").rpartition(":")
+    valid = address == "auto" or (
+        isinstance(address, str) and host_port[0] != "" and "/" not in host_port[0]
+        and host_port[2].isdigit() and 0 < int(host_port[2]) < 65536)
+    require(valid, "backend.address", address, ADDRESS_FORMS)
+    return address
+
+
 def backend_config(backend: Mapping[str, Any]) -> dict[str, Any]:
     """Flower's simulation backend config from `backend.*`, validated."""
+    require_keys(backend, BACKEND_KEYS, "backend", "a key of a backend")
+    attached = cluster_address(backend) is not None
     res = backend.get("client_resources") or {}
     num_cpus = require_number(res.get("num_cpus"), "backend.client_resources.num_cpus", low=0.01)
     num_gpus = require_number(res.get("num_gpus", 0.0), "backend.client_resources.num_gpus", low=0.0)
-    if num_gpus > 0:  # else Flower's actor pool stays empty and the simulation waits forever
+    if num_gpus > 0 and not attached:  # else Flower's actor pool stays empty and waits forever
         import torch
 
         require(torch.cuda.is_available(), "backend.client_resources.num_gpus", num_gpus,
                 "0 on this machine (torch sees no CUDA device; backend=cpu runs the clients on "
                 "the CPU)")
+    # a cluster's GPUs are on its nodes: sim.run.cluster checks them once attached
     init_args = dict(backend.get("init_args") or {})
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
 
@@ -67,7 +89,7 @@ def prepare(cfg: Mapping[str, Any], run_dir: Path, plan=None):
 
 PRIVACY = ("none", "dp_sgd", *CENTRAL, "secagg")
 SECAGG_UNSUPPORTED = (
-    "a privacy option this Flower supports: Flower 1.41 has SecAgg+ only in its legacy workflow "
+    "a privacy option this Flower supports: Flower 1.41-1.42 has SecAgg+ only in its legacy workflow "
     "API (flwr.server.workflow.SecAggPlusWorkflow + secaggplus_mod), in the simulation and the "
     "deployment runtime alike, and none for the Message-API strategies snowfed runs; use "
     "privacy=central_dp_fixed privacy.side=client to keep raw updates noisy at the server, or "

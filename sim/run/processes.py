@@ -22,13 +22,22 @@ GCS_RECONNECT_TIMEOUT = ("RAY_gcs_rpc_server_reconnect_timeout_s", "10")
 LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def ray_environment() -> None:
-    """What every Ray process started from here inherits. Set before Ray is imported: a Ray
-    started by this process for a local simulation listens on 127.0.0.1 only, unless the user
-    points Ray at a cluster (RAY_ADDRESS) or sets the switch. A user's own values are kept."""
+def ray_environment(address: str | None = None) -> None:
+    """What every Ray process started from here inherits, and what this process's Ray reads as
+    it is imported; set before Ray is imported. A private Ray (`address` None) listens on
+    127.0.0.1 only. So does the driver that attaches to a cluster at a loopback address (one
+    started on 127.0.0.1, as the tests do): its node must be found at the address it reaches the
+    cluster by. A driver attaching to any other address, or to `auto`, takes the node's routable
+    address, as Ray does. A user's own values are kept."""
     os.environ.setdefault(*GCS_RECONNECT_TIMEOUT)
-    if "RAY_ADDRESS" not in os.environ:
+    if address is None or is_loopback(address):
         os.environ.setdefault(*LOOPBACK_ONLY)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a cluster address (host:port, ray://host:port) names this machine's loopback."""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h

@@ -40,7 +40,7 @@ from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.transport import RunInterrupted
 from snowfed.sim.run.engine import RayStart, ray_started_early, run_engine
-from snowfed.sim.run.plan import backend_config, validate
+from snowfed.sim.run.plan import backend_config, cluster_address, validate
 from snowfed.sim.run.runner import RoundHook, resume, run
 
 PARALLEL_MAX = 8  # the client keeps the nodes of this many stores (client.app.STORES_KEPT)
@@ -100,7 +100,17 @@ def parallel_runs(setting: int | str, jobs: Sequence[Job], plans: Sequence[Any])
 
 
 def _actors(cfg: dict[str, Any]) -> int:
-    """The actors Flower's Ray backend will start: the machine's CPUs (or GPUs) over a client's."""
+    """The actors Flower's Ray backend will start: the machine's CPUs (or GPUs) over a client's;
+    on a cluster (attached already: `_run_planned`), Flower's own count over its nodes."""
+    if cluster_address(cfg["backend"]) is not None:
+        import ray
+
+        from snowfed.sim.run.cluster import actors_on_cluster
+        from snowfed.sim.run.engine import ray_init_args
+
+        if not ray.is_initialized():  # a later group's simulation: run_engine keeps this Ray
+            ray.init(**ray_init_args(cfg))
+        return actors_on_cluster(cfg["backend"])
     resources = backend_config(cfg["backend"])
     init_args = resources["init_args"]
     client = resources["client_resources"]
@@ -209,6 +219,8 @@ def _run_planned(jobs: Sequence[Job], plans: list, parallel: int | str, progress
             for i in indices:
                 outcomes[i] = Outcome(jobs[i], "interrupted", error="not started")
             continue
+        if ray_start is not None and cluster_address(group[0].cfg["backend"]) is not None:
+            ray_start.wait()  # attached: the width counts the cluster's actors
         width = parallel_runs(parallel, group, [plans[i] for i in indices])
         progress.line.print(f"sweep: {len(group)} runs of {len(plans[indices[0]].hospitals)} sites "
                             f"in one Flower simulation, {width} at a time")
@@ -228,6 +240,7 @@ def _simulate_group(jobs: list[Job], numbers: list[int], num_sites: int, width: 
     from flwr.serverapp import ServerApp
 
     from snowfed.server.app import run_federation
+    from snowfed.sim.run.cluster import require_store_on_every_node
 
     outcomes: list[Outcome | None] = [None] * len(jobs)
     server_app = ServerApp()
@@ -235,6 +248,7 @@ def _simulate_group(jobs: list[Job], numbers: list[int], num_sites: int, width: 
     @server_app.main()
     def main(grid, context) -> None:
         def federate(cfg, plan, store, run_dir, on_round):
+            require_store_on_every_node(cfg, store)
             return run_federation(grid, cfg, store, run_dir, on_round, stop=stop)
 
         def one(i: int) -> None:

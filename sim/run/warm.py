@@ -39,10 +39,12 @@ def socket_path() -> Path:
 
 def resources(cfg: Mapping[str, Any], num_sites: int) -> dict[str, Any]:
     """What a run must share with a warm simulation: its sites (Flower's SuperNodes are fixed
-    when a simulation starts) and the Ray resources and init arguments of its backend."""
-    from snowfed.sim.run.plan import backend_config
+    when a simulation starts), the Ray resources and init arguments of its backend, and the
+    cluster it attaches to (none: a private Ray)."""
+    from snowfed.sim.run.plan import backend_config, cluster_address
 
-    return {"sites": num_sites, "backend": backend_config(cfg["backend"])}
+    return {"sites": num_sites, "backend": {**backend_config(cfg["backend"]),
+                                            "address": cluster_address(cfg["backend"])}}
 
 
 def _differences(have: Mapping[str, Any], want: Mapping[str, Any], prefix: str = "") -> list[str]:
