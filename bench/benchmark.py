@@ -16,7 +16,10 @@ All three build the same federation store with snowfed's `prepare` and train wit
 local strategy and trainer, so the ratios measure the federation machinery, not different
 training code. Workloads: W1 (8 sites, segmentation, 64x64 tiles, ~1 s of local work per site per
 round), W2 (100 sites, 10 per round, small CNN, 10 SGD steps), S (12 runs of W2's shape, 5 rounds
-each) and MEM (one dataset split into 10, 100 and 1000 sites: snowfed's peak memory).
+each), C (a sweep of 4 runs of W1's shape, 3 rounds each, with backend=cluster: on a local Ray
+cluster of two 1-CPU nodes, and on one such node alone; the cluster is running before the
+process starts, as a user's is) and MEM (one dataset split into 10, 100 and 1000 sites:
+snowfed's peak memory).
 
 Memory is the peak of the summed proportional set size (PSS, Linux: shared pages split between
 the processes that map them) of the process and all its descendants (Ray's raylet, GCS and
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-WORKLOADS = ("W1", "W2", "S", "MEM")
+WORKLOADS = ("W1", "W2", "S", "C", "MEM")
 VARIANTS = ("a", "b", "c", "w")
 QUICK_IMAGES, FULL_IMAGES = 5_000, 30_000  # the W2/S/MEM data file (synthetic_npz)
 COLD = ("a", "b", "c")  # w: snowfed handing each run to a warm simulation (W2 and S only)
@@ -89,7 +92,7 @@ class Workload:
 def workloads(quick: bool, data: Path) -> dict[str, Workload]:
     """The benchmark's runs as snowfed overrides. --quick keeps each workload's shape, fewer
     rounds, steps and runs; its S runs are W2's run with seeds 0 and 1 (see `plan`)."""
-    w1_steps, w1_rounds = (2, 1) if quick else (12, 10)
+    w1_steps, w1_rounds, c_rounds = (2, 1, 1) if quick else (12, 10, 3)
     w2_rounds, s_runs, s_rounds = (2, 2, 2) if quick else (30, 12, 5)
     many = ["task=classification", "dataset=npz", f"dataset.path={data}", "model=smallcnn", "model.width=8",
             "federation=many_sites", "federation.partition.scheme=iid",
@@ -101,6 +104,8 @@ def workloads(quick: bool, data: Path) -> dict[str, Workload]:
                         f"rounds={w1_rounds}")),
         "W2": Workload((*many, f"rounds={w2_rounds}")),
         "S": Workload((*many, f"rounds={s_rounds}"), runs=s_runs),
+        "C": Workload(("federation=cross_silo", f"strategy.local_steps={w1_steps}",
+                       f"rounds={c_rounds}"), runs=4),
     }
 
 
@@ -293,6 +298,7 @@ class Spawn:
     jobs: list[tuple[str, ...]]
     rows: list[tuple[str, str, int | None]]
     sweep: bool = False
+    cluster_nodes: int = 0  # C: the jobs run on a local Ray cluster of this many 1-CPU nodes
 
 
 def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
@@ -323,6 +329,9 @@ def plan(quick: bool, only: list[str], data: Path) -> list[Spawn]:
             if shared and variant in "bc":
                 rows.append(("W2", f"{variant} (S#0)", 0))
             spawns.append(Spawn(variant, loads["S"].jobs(), rows, sweep=variant == "a"))
+    if "C" in only:
+        spawns += [Spawn("a", loads["C"].jobs(), [("C", f"a {n} node{'s' * (n > 1)}", None)], sweep=True,
+                         cluster_nodes=n) for n in (2, 1)]
     if "MEM" in only and not (quick and "W2" in only):
         if quick:
             spawns.append(Spawn("a", mem_jobs, [(*row, i) for i, row in enumerate(mem_rows)]))
@@ -372,6 +381,13 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
         if spawn.variant == "w":
             with warm_server(spawn.jobs[0], where):
                 process = measure(spawn.variant, spawn.jobs, where)
+        elif spawn.cluster_nodes:
+            from snowfed.bench.local_cluster import local_cluster
+
+            with local_cluster(spawn.cluster_nodes, cpus_per_node=1) as cluster:
+                attach = ("backend=cluster", f"backend.address={cluster.address}")
+                process = measure(spawn.variant, [(*job, *attach) for job in spawn.jobs], where,
+                                  spawn.sweep)
         else:
             process = measure(spawn.variant, spawn.jobs, where, spawn.sweep)
         for name, variant, run in spawn.rows:
@@ -390,6 +406,8 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
                           f"a/c={warm.wall_s / floor.wall_s:.2f}")
             if name == "W2":  # S's a is one sweep, whose runs overlap: no first round of its own
                 ratios.append(f"W2 cold first_round a/c={cold.first_round_s / floor.first_round_s:.2f}")
+    if "C" in only:
+        ratios.append(f"C 2 nodes/1 node={got['C']['a 2 nodes'].wall_s / got['C']['a 1 node'].wall_s:.2f}")
     if "MEM" in only:
         ratios.append(f"mem1000/mem10={got['MEM']['a 1000'].peak_mb / got['MEM']['a 10'].peak_mb:.2f}")
     if quick and {"W2", "S", "MEM"} & set(only):  # their first rounds are not the full run's

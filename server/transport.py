@@ -109,13 +109,16 @@ class Sent:
     def __init__(self, grid: Grid, messages: list[Message], timeout: float,
                  stop: threading.Event | None = None):
         self.grid, self.messages, self.stop = grid, messages, stop
-        self.ids = set(grid.push_messages(messages)) if messages else set()
+        self.order = {mid: i for i, mid in enumerate(grid.push_messages(messages) if messages else [])}
+        self.ids = set(self.order)
         self.deadline = time.monotonic() + timeout
         self.interval = _pull_interval(grid)
 
     def replies(self) -> tuple[list[Message], list[int]]:
-        """The replies, and the nodes that did not reply in time. Raises RunInterrupted as soon
-        as `stop` is set."""
+        """The replies in the order of the messages they answer (not of their arrival, which
+        depends on which actor or node ran what: a strategy sums the updates in this order, and
+        floating-point sums depend on it), and the nodes that did not reply in time. Raises
+        RunInterrupted as soon as `stop` is set."""
         replies: list[Message] = []
         waiting = set(self.ids)
         while waiting:
@@ -127,6 +130,7 @@ class Sent:
             if not waiting or time.monotonic() >= self.deadline:
                 break
             time.sleep(self.interval)
+        replies.sort(key=lambda m: self.order[m.metadata.reply_to_message_id])
         replied = {m.metadata.src_node_id for m in replies}
         return replies, [m.metadata.dst_node_id for m in self.messages
                          if m.metadata.dst_node_id not in replied]

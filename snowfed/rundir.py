@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from snowfed.config import ConfigError, plain_config, require_creatable_dir
 from snowfed.diagnostics import diagnose
+from snowfed.protocol import RAY_NODE
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -218,8 +219,8 @@ def build_summary(
             node["last_failure"] = {"round": r["round"], "phase": r["phase"], "error": r["error"]}
         else:
             key = FINAL_KEYS[r.get("phase")]
-            node_summary[r["node"]][key] = {
-                k: v for k, v in r.items() if k not in ("scope", "node", "phase")
+            node_summary[r["node"]][key] = {  # results only: where it ran stays in metrics.jsonl
+                k: v for k, v in r.items() if k not in ("scope", "node", "phase", RAY_NODE)
             }
     summary: dict[str, Any] = {
         "rounds": history[-1]["round"] if history else 0,

@@ -54,7 +54,8 @@ def test_every_workload_is_a_valid_config(data, quick):
     from snowfed.sim.run.plan import validate
 
     loads = workloads(quick, data)
-    assert set(loads) == {"W1", "W2", "S"} and loads["S"].runs == (2 if quick else 12)
+    assert set(loads) == {"W1", "W2", "S", "C"} and loads["S"].runs == (2 if quick else 12)
+    assert loads["C"].runs == 4 and loads["C"].overrides[:2] == loads["W1"].overrides[:2]
     for load in loads.values():
         for cfg, _ in _configs(load.jobs()[:1], Path("unused")):
             validate(cfg)
@@ -69,12 +70,13 @@ def test_every_workload_and_variant_is_measured_once(data, quick):
     spawns = plan(quick, list(WORKLOADS), data)
     rows = [(name, variant.split()[0]) for spawn in spawns for name, variant, _ in spawn.rows]
     expected = {(w, v) for w in ("W2", "S") for v in VARIANTS} | {("MEM", "a")}
-    expected |= {("W1", v) for v in ("ac" if quick else "abc")}
+    expected |= {("W1", v) for v in ("ac" if quick else "abc")} | {("C", "a")}
     assert set(rows) == expected
     assert rows.count(("MEM", "a")) == (2 if quick else 3)
     for spawn in spawns:  # a row of one run names a run the process has; whole-process rows
         assert all(run is None or 0 <= run < len(spawn.jobs) for _, _, run in spawn.rows)
-        assert spawn.sweep == (spawn.variant == "a" and spawn.rows[0][0] == "S")
+        assert spawn.sweep == (spawn.variant == "a" and spawn.rows[0][0] in ("S", "C"))
+    assert sorted(s.cluster_nodes for s in spawns if s.rows[0][0] == "C") == [1, 2]
     # a row cut from a process's first run is a fresh process whose first work is that run
     w2 = workloads(quick, data)["W2"].jobs()[0]
     assert all(spawn.jobs[0] == w2 for spawn in spawns for name, _, run in spawn.rows

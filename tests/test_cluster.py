@@ -18,7 +18,10 @@ from snowfed.sim.run.runner import run
 pytestmark = pytest.mark.slow
 
 SNOWFED = [sys.executable, "-c", "from snowfed.cli import console; console()"]
-SMALL = ["federation=smoke", "rounds=2", "strategy.local_steps=2"]
+# 12 sites, 6 a round: two actors' replies arrive in any order, and a sum of six updates depends
+# on its order (server.transport.Sent.replies fixes it)
+SMALL = ["task=classification", "federation=many_sites", "federation.hospitals.count=12",
+         "aggregation.fraction_train=0.5", "rounds=2", "strategy.local_steps=3"]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -72,7 +75,7 @@ def test_a_sweep_spreads_its_runs_over_the_cluster(cluster, single_machine, tmp_
                            f"backend.address={cluster.address}", f"hydra.sweep.dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 runs of 2 sites in one Flower simulation, 2 at a time" in proc.stdout + proc.stderr
+    assert "2 runs of 12 sites in one Flower simulation, 2 at a time" in proc.stdout + proc.stderr
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))  # seed=3, then seed=4
     assert len(runs) == 2
     assert set().union(*map(_nodes, runs)) == set(cluster.node_ids)

@@ -197,3 +197,20 @@ def test_a_reply_that_contradicts_the_identified_partition_stops_the_run(tmp_pat
     recorder.record_replies(1, "evaluate", [reply(11, 0), reply(12, 1)])
     with pytest.raises(RuntimeError, match="replied as 'alpha' but was identified as 'beta'"):
         recorder.record_replies(2, "evaluate", [reply(12, 0)])
+
+
+class LastFirstGrid(LocalGrid):
+    """Answers the messages pulled together last one first (as a faster node, or actor, would)."""
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return super().pull_messages(sorted(message_ids, key=list(self.pending).index))[::-1]
+
+
+def test_replies_come_in_the_order_of_their_messages_not_of_their_arrival(tmp_path):
+    from snowfed.server.transport import exchange
+
+    grid = LastFirstGrid(4, tmp_path / "metrics.jsonl")
+    nodes = [103, 101, 104, 102]
+    messages = [Message(RecordDict(), dst_node_id=nid, message_type="query.identify") for nid in nodes]
+    replies, missing = exchange(grid, messages, timeout=10)
+    assert [r.metadata.src_node_id for r in replies] == nodes and missing == []
