@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,20 +32,32 @@ CLONE_NEWNS = 0x00020000  # linux/sched.h
 class LocalCluster:
     address: str  # host:port of the head node's GCS
     node_ids: tuple[str, ...]  # Ray's node ids, the head's first
+    client_address: str | None = None  # ray://127.0.0.1:port of its Ray Client server, if any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
-def local_cluster(nodes: int, cpus_per_node: int, hide: Path | None = None) -> Iterator[LocalCluster]:
-    """A cluster of `nodes` raylets with `cpus_per_node` CPUs each; stopped when the block ends."""
+def local_cluster(nodes: int, cpus_per_node: int, hide: Path | None = None,
+                  client_port: int | None = None) -> Iterator[LocalCluster]:
+    """A cluster of `nodes` raylets with `cpus_per_node` CPUs each (and a Ray Client server on
+    `client_port`); stopped when the block ends."""
     cmd = [sys.executable, "-m", "snowfed.bench.local_cluster", "--nodes", str(nodes),
-           "--cpus", str(cpus_per_node), *(["--hide", str(hide)] if hide else [])]
+           "--cpus", str(cpus_per_node), *(["--hide", str(hide)] if hide else []),
+           *(["--client-port", str(client_port)] if client_port else [])]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         lines = [proc.stdout.readline().strip() for _ in range(nodes + 1)]
         if not all(lines):
             raise RuntimeError(f"the local Ray cluster did not start (exit {proc.wait()})")
-        yield LocalCluster(lines[0], tuple(lines[1:]))
+        client = f"ray://127.0.0.1:{client_port}" if client_port else None
+        yield LocalCluster(lines[0], tuple(lines[1:]), client)
     finally:
         proc.stdin.close()
         try:
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--hide", type=Path)
+    parser.add_argument("--client-port", type=int)
     opts = parser.parse_args(argv)
     # Ray reads this as it is imported: every node on 127.0.0.1, listening on the loopback only
     from snowfed.sim.run.processes import LOOPBACK_ONLY
@@ -75,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[LOOPBACK_ONLY[0]] = LOOPBACK_ONLY[1]
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": opts.cpus, "include_dashboard": False})
+    head = {"num_cpus": opts.cpus, "include_dashboard": False}
+    if opts.client_port:
+        head["ray_client_server_port"] = opts.client_port
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
     try:
         for i in range(1, opts.nodes):
             if i == 1 and opts.hide is not None:

@@ -1,6 +1,7 @@
 """backend=cluster on a real 2-node Ray cluster on this machine (127.0.0.1, one CPU per node):
-a run and a sweep spread their sites over both nodes and give the single-machine results; a node
-that cannot read the run directory is named before the first round."""
+a run and a sweep spread their sites over both nodes and give the single-machine results, also
+through Ray Client (ray://); a node that cannot read the run directory is named before the first
+round."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snowfed.bench.local_cluster import local_cluster
+from snowfed.bench.local_cluster import free_port, local_cluster
 from snowfed.config import compose, plain_config
 from snowfed.sim.run.runner import run
 
@@ -42,7 +43,7 @@ def _nodes(run_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster(nodes=2, cpus_per_node=1) as cluster:
+    with local_cluster(nodes=2, cpus_per_node=1, client_port=free_port()) as cluster:
         yield cluster
 
 
@@ -67,6 +68,16 @@ def test_a_run_uses_every_node_and_gives_the_single_machine_results(cluster, sin
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _nodes(run_dir) == set(cluster.node_ids)  # one actor per node, both at work
+    assert _results(run_dir) == _results(single_machine)
+
+
+def test_a_run_through_ray_client_gives_the_same_results(cluster, single_machine, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*SNOWFED, "run", *SMALL, "seed=3", "backend=cluster",
+                           f"backend.address={cluster.client_address}", f"run_dir={run_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _nodes(run_dir) <= set(cluster.node_ids) and _nodes(run_dir)
     assert _results(run_dir) == _results(single_machine)
 
 
