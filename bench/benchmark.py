@@ -414,6 +414,12 @@ def _bench(root: Path, only: list[str], quick: bool) -> int:
         print(f"--quick: its data file has {QUICK_IMAGES:,} images (the full run's {FULL_IMAGES:,}), "
               "which every variant reads, partitions and stores before its first round; only the "
               "full run's first-round figures answer the targets (docs/benchmarks.md)", flush=True)
+    cores = os.cpu_count() or 1
+    if "C" in only and cores < 3:  # 2 one-CPU nodes, and the driver
+        print(f"C: the two 1-CPU nodes and the driver share this machine's {cores} cores, so the "
+              "driver's own work (the stores, the server's evaluations) slows the nodes down; "
+              "with a core of its own, as on a real cluster, it would not (docs/benchmarks.md)",
+              flush=True)
     print(" ".join(ratios), flush=True)
     return 0
 
