@@ -50,6 +50,8 @@ from snowfed.cli import EXIT_BAD_CONFIG, main
         (["backend=cluster", "backend.address=head:99999"], "backend.address='head:99999'", "auto"),
         (["backend=cluster", "backend.address=http://head:6379"], "backend.address='http://head:6379'",
          "ray://host:port"),
+        (["backend=cluster", "backend.address=127.0.0.1:9"], "backend.address='127.0.0.1:9'",
+         "nothing answers at 127.0.0.1:9"),
         (["task=detection"], "task='detection'", "one of classification, segmentation"),
         (["logger=nope"], "logger='nope'", "one of mlflow, none, tensorboard"),
         # the local strategy and its parts
@@ -215,3 +217,15 @@ def test_a_path_that_cannot_be_made_a_directory_is_refused(path_override, tmp_pa
     assert f"({file} is a file)" in err and len(err.strip().splitlines()) == 1, err
     assert file.read_text() == "kept" and not (tmp_path / "run").exists()
     assert not ray.is_initialized()
+
+
+def test_a_cluster_backend_with_no_cluster_to_find_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where `ray start` would record its cluster
+    run_dir = tmp_path / "run"
+    assert main(["run", "backend=cluster", f"run_dir={run_dir}"]) == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert "backend.address='auto'" in err and "`auto` found none" in err and str(tmp_path) in err
+    assert len(err.strip().splitlines()) == 1 and not run_dir.exists() and not ray.is_initialized()

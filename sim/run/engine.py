@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snowfed.config import ConfigError
-from snowfed.sim.run.plan import backend_config, cluster_address
+from snowfed.sim.run.plan import attach_address, backend_config
 from snowfed.sim.run.processes import end_children, ray_environment
 
 
@@ -92,7 +92,7 @@ def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
     backend = cfg["backend"]
     logs = {"log_to_driver": bool(cfg.get("verbose", False)),
             "logging_level": logging.INFO if cfg.get("verbose") else logging.WARNING}
-    address = cluster_address(backend)
+    address = attach_address(backend)
     if address is not None:
         return {**logs, **backend_config(backend)["init_args"], "address": address}
     return {"address": "local", "include_dashboard": False, **logs,
@@ -112,7 +112,7 @@ class RayStart:
     def __init__(self, cfg: Mapping[str, Any]):
         self.init_args = ray_init_args(cfg)
         quiet_terminal(bool(cfg.get("verbose", False)))
-        ray_environment(cluster_address(cfg["backend"]))
+        ray_environment(attach_address(cfg["backend"]))
         self._ready = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
@@ -210,7 +210,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
     ClientApp already, then host the actors at once. Flower's backend skips ray.init when Ray is
     up and shuts Ray down when the simulation ends (attached to a cluster, backend=cluster: it
     disconnects, and the cluster stays). `stop`: set by Ctrl-C (`ctrl_c_sets`)."""
-    address = cluster_address(cfg["backend"])
+    address = attach_address(cfg["backend"])
     ray_environment(address)
     import ray
     import torch

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,39 @@ def cluster_address(backend: Mapping[str, Any]) -> str | None:
     return address
 
 
+def ray_address_file() -> Path:
+    """Where `ray start` records the cluster it started on this machine (Ray's own rule, from
+    ray._common.utils: RAY_TMPDIR, else TMPDIR on Linux, else /tmp). Followed here rather than
+    called, because importing Ray fixes what it reads of the environment, and that depends on
+    the address found (sim.run.processes.ray_environment)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(base) / "ray" / "ray_current_cluster"
+
+
+def attach_address(backend: Mapping[str, Any]) -> str | None:
+    """The host:port (or ray://host:port) a backend attaches to, `auto` resolved as Ray resolves
+    it (RAY_ADDRESS, else the cluster `ray start` started here), checked to answer a connection;
+    None: a private Ray. ConfigError when there is no such cluster."""
+    address = cluster_address(backend)
+    if address is None:
+        return None
+    given = address
+    if address == "auto":
+        record = ray_address_file()
+        address = os.environ.get("RAY_ADDRESS") or (
+            record.read_text().strip() if record.is_file() else "")
+        require(address != "", "backend.address", given,
+                f"the address of a running Ray cluster: `auto` found none (RAY_ADDRESS is unset and "
+                f"{record} records no cluster started with `ray start` here); give its host:port")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError("backend.address", given, f"the address of a running Ray cluster: "
+                          f"nothing answers at {address} ({err})") from None
+    return address
+
+
 def backend_config(backend: Mapping[str, Any]) -> dict[str, Any]:
     """Flower's simulation backend config from `backend.*`, validated."""
     require_keys(backend, BACKEND_KEYS, "backend", "a key of a backend")
@@ -62,6 +97,7 @@ def validate(cfg: Mapping[str, Any], loaded: dict | None = None):
     `loaded`: the datasets loaded already, shared by the plans of a sweep."""
     plan = resolve_federation(cfg, loaded)  # the aggregation's keys and site counts included
     backend_config(cfg["backend"])
+    attach_address(cfg["backend"])  # a cluster that answers, before anything starts
     validate_logger(cfg)
     _validate_privacy(cfg, plan)
     aggregation = cfg["aggregation"]["name"]
