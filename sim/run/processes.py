@@ -27,8 +27,8 @@ def ray_environment(address: str | None = None) -> None:
     it is imported; set before Ray is imported. A private Ray (`address` None) listens on
     127.0.0.1 only. So does the driver that attaches to a cluster at a loopback address (one
     started on 127.0.0.1, as the tests do): its node must be found at the address it reaches the
-    cluster by. A driver attaching to any other address, or to `auto`, takes the node's routable
-    address, as Ray does. A user's own values are kept."""
+    cluster by (`auto` resolved first: sim.run.plan.attach_address). A driver attaching to any
+    other address takes the node's routable address, as Ray does. A user's own values are kept."""
     os.environ.setdefault(*GCS_RECONNECT_TIMEOUT)
     if address is None or is_loopback(address):
         os.environ.setdefault(*LOOPBACK_ONLY)
