@@ -76,8 +76,9 @@ def quiet_terminal(verbose: bool) -> None:
 PRELOAD = "snowfed.client.preload"  # what every Ray worker imports as it starts
 
 
-def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """`ray.init`'s arguments for a run: the backend's `init_args`, and
+def ray_init_args(cfg: Mapping[str, Any], address: str | None) -> dict[str, Any]:
+    """`ray.init`'s arguments for a run (`address`: the backend's `attach_address`, resolved
+    once by the caller): the backend's `init_args`, and
 
     - on one machine, a private Ray (`address="local"`: never a cluster that `ray start` or
       RAY_ADDRESS left on this machine) whose workers preload the ClientApp's imports (Ray's
@@ -92,7 +93,6 @@ def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
     backend = cfg["backend"]
     logs = {"log_to_driver": bool(cfg.get("verbose", False)),
             "logging_level": logging.INFO if cfg.get("verbose") else logging.WARNING}
-    address = attach_address(backend)
     if address is not None:
         return {**logs, **backend_config(backend)["init_args"], "address": address}
     return {"address": "local", "include_dashboard": False, **logs,
@@ -110,9 +110,10 @@ class RayStart:
     simulation; `close` does it for a start nobody used)."""
 
     def __init__(self, cfg: Mapping[str, Any]):
-        self.init_args = ray_init_args(cfg)
+        address = attach_address(cfg["backend"])
+        self.init_args = ray_init_args(cfg, address)
         quiet_terminal(bool(cfg.get("verbose", False)))
-        ray_environment(attach_address(cfg["backend"]))
+        ray_environment(address)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._start, name="snowfed-ray-start", daemon=True).start()
@@ -220,7 +221,7 @@ def run_engine(server_app, num_sites: int, cfg: Mapping[str, Any], ray_start: Ra
 
     verbose = bool(cfg.get("verbose", False))
     quiet_terminal(verbose)
-    args = ray_init_args(cfg)
+    args = ray_init_args(cfg, address)
     if ray_start is not None:
         ray_start.wait()
         if ray_start.init_args != args:  # started for another run's backend

@@ -40,7 +40,7 @@ from snowfed.rundir import CHECKPOINT, METRICS, SUMMARY, read_summary_status
 from snowfed.server.aggregation import REFERENCES, sites_per_round
 from snowfed.server.transport import RunInterrupted
 from snowfed.sim.run.engine import RayStart, ray_started_early, run_engine
-from snowfed.sim.run.plan import backend_config, cluster_address, validate
+from snowfed.sim.run.plan import attach_address, backend_config, cluster_address, validate
 from snowfed.sim.run.runner import RoundHook, resume, run
 
 PARALLEL_MAX = 8  # the client keeps the nodes of this many stores (client.app.STORES_KEPT)
@@ -109,7 +109,7 @@ def _actors(cfg: dict[str, Any]) -> int:
         from snowfed.sim.run.engine import ray_init_args
 
         if not ray.is_initialized():  # a later group's simulation: run_engine keeps this Ray
-            ray.init(**ray_init_args(cfg))
+            ray.init(**ray_init_args(cfg, attach_address(cfg["backend"])))
         return actors_on_cluster(cfg["backend"])
     resources = backend_config(cfg["backend"])
     init_args = resources["init_args"]
